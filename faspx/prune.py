@@ -1,0 +1,338 @@
+"""The sequential FASP driver: walk the decoder layers one at a time, prune and restore each pair.
+
+Per layer (design.md): gather G at the attention consumer's input, prune + restore the V/O pair;
+gather G at the FFN consumer's input with the pruned attention in place, prune + restore the FFN
+pair; run the pruned layer to make the next layer's inputs. Only the layer being pruned is on the
+device, in the forward dtype; the master weights stay where they were loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from faspx.adapters import Adapter, Pair, adapter_for
+from faspx.budget import Budget, plan
+from faspx.errors import FaspxError, UsageError
+from faspx.restore import reconstruction_error, restore
+from faspx.score import kept_columns, score, select
+
+log = logging.getLogger("faspx")
+
+# Each retry multiplies the relative damping by 10 when G[M, M] + delta I is not positive definite.
+DAMP_RETRIES = 4
+
+
+@dataclass
+class PairResult:
+    """What happened to one pair of one layer; errors are ||W'X - WX||^2 / ||WX||^2."""
+
+    keep: list[int]
+    n_units: int
+    err_removed: float = 0.0
+    err_restored: float | None = None
+    damp: float | None = None
+    restored: bool = False
+
+
+@dataclass
+class PruneReport:
+    """Everything ``prune`` did: the plan, per-layer kept units and errors, and timings."""
+
+    sparsity: float
+    structure: str
+    restore: bool
+    damp: float
+    n_remove: dict[str, int]
+    removed_fraction: float
+    device: str
+    dtype: str
+    n_calib: int
+    seqlen: int
+    layers: list[dict[str, PairResult]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the kept indices are what fasp.json records)."""
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) picks CUDA when it is there, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Forward dtype: bfloat16 on CUDA and float32 on the CPU unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UsageError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+    return names[dtype]
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    sparsity: float,
+    *,
+    structure: str = "fasp",
+    restore_weights: bool = True,
+    damp: float = 0.01,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place with FASP and return what was done.
+
+    ``calib_ids`` is a (samples x seqlen) LongTensor of calibration tokens. The FFN pair shrinks
+    physically (the config's FFN width is updated); the V/O pair is zeroed at full width so that the
+    result stays a stock transformers model.
+
+    Example:
+        >>> import torch; from transformers import AutoModelForCausalLM, OPTConfig
+        >>> cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        ...                 vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=32)
+        >>> model = AutoModelForCausalLM.from_config(cfg).eval()
+        >>> report = prune(model, torch.randint(0, 100, (4, 16)), 0.2, progress=False)
+        >>> model.config.ffn_dim < 64
+        True
+    """
+    adapter = adapter_for(model.config)
+    budget = plan(model, adapter, sparsity, structure)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    pairs = adapter.pairs(model.config)
+    report = PruneReport(
+        sparsity=sparsity, structure=structure, restore=restore_weights, damp=damp,
+        n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
+        device=str(device), dtype=str(dtype).removeprefix("torch."),
+        n_calib=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]),
+    )
+    start = time.perf_counter()
+    if all(n == 0 for n in budget.n_remove.values()):
+        report.seconds = time.perf_counter() - start
+        return report
+
+    layers = adapter.layers(model)
+    hidden, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, device, dtype)
+    bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
+    for i in bar:
+        results = prune_layer(layers[i], hidden, layer_kwargs, pairs, budget, i,
+                              restore_weights=restore_weights, damp=damp, device=device, dtype=dtype)
+        report.layers.append(results)
+        bar.set_postfix({p: f"{r.err_restored if r.err_restored is not None else r.err_removed:.3g}"
+                         for p, r in results.items()})
+        log.info("layer %d: %s", i, ", ".join(
+            f"{p} kept {len(r.keep)}/{r.n_units} err {r.err_removed:.4g}"
+            + (f" -> {r.err_restored:.4g}" if r.err_restored is not None else "")
+            for p, r in results.items()))
+    set_ffn_width(model, adapter)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the statistics it needs are collected."""
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor,
+                         device: torch.device, dtype: torch.dtype) -> tuple[list[torch.Tensor], dict]:
+    """Inputs of decoder layer 0 for every calibration sample, and the keyword arguments the model
+    passes its layers (masks, positions, rotary embeddings): the same for every sample of one length.
+
+    Everything but the decoder layers visits ``device`` in ``dtype`` for the time of the capture.
+    """
+    layer_params = {id(p) for p in layers.parameters()}
+    moved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in layer_params or id(p) in seen:
+                continue
+            seen.add(id(p))
+            moved.append((p, p.data))
+            p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
+    buffers = [(m, n, b) for m in model.modules() for n, b in m.named_buffers(recurse=False)
+               if not any(b is lb for lb in layers.buffers())]
+    for m, n, b in buffers:
+        m._buffers[n] = b.to(device)
+
+    hidden: list[torch.Tensor] = []
+    captured: dict = {}
+    store = storage_device(calib_ids.numel() * model.config.hidden_size * dtype.itemsize, device)
+
+    def grab(_module, args, kwargs):
+        hidden.append((args[0] if args else kwargs["hidden_states"]).detach().to(store))
+        if not captured:
+            captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for sample in calib_ids:
+            try:
+                model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        for p, data in moved:
+            p.data = data
+        for m, n, b in buffers:
+            m._buffers[n] = b
+    return hidden, captured
+
+
+def storage_device(nbytes: int, device: torch.device) -> torch.device:
+    """Keep the layer activations on the GPU when they take under a third of its free memory."""
+    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] / 3:
+        return device
+    return torch.device("cpu") if device.type == "cuda" else device
+
+
+def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict, pairs: list[Pair],
+                budget: Budget, index: int, *, restore_weights: bool, damp: float,
+                device: torch.device, dtype: torch.dtype) -> dict[str, PairResult]:
+    """Prune the pairs of one layer in order, then replace ``hidden`` by the pruned layer's outputs."""
+    results: dict[str, PairResult] = {}
+    work = copy.deepcopy(layer).to(device=device, dtype=dtype)
+    for pair in pairs:
+        n_remove = budget.n_remove[pair.name]
+        if n_remove == 0:
+            continue
+        gram = consumer_gram(work, pair.consumer, hidden, layer_kwargs)
+        if not torch.isfinite(gram).all():
+            raise FaspxError(
+                f"layer {index} produced NaN/Inf activations at the input of {pair.consumer}; "
+                "try --dtype float32"
+            )
+        results[pair.name] = prune_pair(layer, pair, gram, n_remove, index,
+                                        restore_weights=restore_weights, damp=damp)
+        work = copy.deepcopy(layer).to(device=device, dtype=dtype)
+    for j, x in enumerate(hidden):
+        out = work(x.to(device), **layer_kwargs)
+        hidden[j] = (out[0] if isinstance(out, tuple) else out).to(x.device)
+    return results
+
+
+def consumer_gram(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], layer_kwargs: dict) -> torch.Tensor:
+    """G = X X^T (float64) at the input of ``consumer`` over all calibration tokens.
+
+    Each forward stops once the consumer has seen its input: the rest of the layer is not needed.
+    """
+    module = layer.get_submodule(consumer)
+    gram = torch.zeros(module.in_features, module.in_features, dtype=torch.float64,
+                       device=module.weight.device)
+
+    def accumulate(_module, args):
+        x = args[0].reshape(-1, module.in_features).float()
+        gram.add_(x.T @ x)
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(accumulate)
+    try:
+        for x in hidden:
+            try:
+                layer(x.to(module.weight.device), **layer_kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return gram
+
+
+def prune_pair(layer: nn.Module, pair: Pair, gram: torch.Tensor, n_remove: int, index: int, *,
+               restore_weights: bool, damp: float) -> PairResult:
+    """Choose the kept units of one pair, restore its consumer, and write the result into ``layer``."""
+    consumer = layer.get_submodule(pair.consumer)
+    weight = consumer.weight.data.to(device=gram.device, dtype=torch.float64)
+    n_units = int(pair.col_unit.max()) + 1
+    col_unit = pair.col_unit.to(gram.device)
+    keep = select(score(weight, gram.diagonal(), col_unit, n_units), n_remove)
+    keep_cols = kept_columns(keep, col_unit)
+
+    total = float(((weight @ gram) * weight).sum()) or 1.0
+    removed = torch.zeros_like(weight)
+    removed[:, keep_cols] = weight[:, keep_cols]
+    result = PairResult(keep=keep.tolist(), n_units=n_units,
+                        err_removed=reconstruction_error(weight, removed, gram) / total)
+    new_cols = weight[:, keep_cols]
+    if restore_weights:
+        for attempt in range(DAMP_RETRIES):
+            result.damp = damp * 10**attempt
+            restored = restore(weight, gram, keep_cols, result.damp)
+            if restored is not None:
+                break
+        else:
+            raise FaspxError(
+                f"layer {index}: restoring {pair.consumer} failed (not positive definite or "
+                f"non-finite) even with damping {result.damp:g}; try --no-restore or --dtype float32"
+            )
+        full = torch.zeros_like(weight)
+        full[:, keep_cols] = restored
+        result.err_restored = reconstruction_error(weight, full, gram) / total
+        # A restoration that raises the layer's error is never accepted.
+        if result.err_restored <= result.err_removed:
+            new_cols, result.restored = restored, True
+        else:
+            log.warning("layer %d %s: restoration raised the error (%.4g > %.4g); kept plain removal",
+                        index, pair.name, result.err_restored, result.err_removed)
+    write_pair(layer, pair, keep, keep_cols, new_cols)
+    return result
+
+
+def write_pair(layer: nn.Module, pair: Pair, keep: torch.Tensor, keep_cols: torch.Tensor,
+               new_cols: torch.Tensor) -> None:
+    """Put the kept rows/columns back into ``layer``: cut out (physical pairs) or zeroed at full width."""
+    consumer = layer.get_submodule(pair.consumer)
+    master = consumer.weight
+    keep = keep.to(master.device)
+    keep_cols = keep_cols.to(master.device)
+    new_cols = new_cols.to(device=master.device, dtype=master.dtype)
+    if pair.physical:
+        consumer.weight = nn.Parameter(new_cols.contiguous(), requires_grad=False)
+        consumer.in_features = len(keep_cols)
+        for name in pair.producers:
+            producer = layer.get_submodule(name)
+            producer.weight = nn.Parameter(producer.weight.data[keep].contiguous(), requires_grad=False)
+            if producer.bias is not None:
+                producer.bias = nn.Parameter(producer.bias.data[keep].contiguous(), requires_grad=False)
+            producer.out_features = len(keep)
+        return
+    full = torch.zeros_like(master.data)
+    full[:, keep_cols] = new_cols
+    master.data.copy_(full)
+    for name in pair.producers:
+        producer = layer.get_submodule(name)
+        drop = torch.ones(producer.out_features, dtype=torch.bool, device=master.device)
+        drop[keep] = False
+        producer.weight.data[drop] = 0
+        if producer.bias is not None:
+            producer.bias.data[drop] = 0
+
+
+def set_ffn_width(model: nn.Module, adapter: Adapter) -> int:
+    """Write the pruned FFN width into the config (one width for every layer, as stock models need)."""
+    widths = {layer.get_submodule(adapter.ffn_consumer).in_features for layer in adapter.layers(model)}
+    if len(widths) != 1:
+        raise FaspxError(f"layers ended with different FFN widths {sorted(widths)}; a stock config needs one")
+    (width,) = widths
+    setattr(model.config, adapter.ffn_width_key, width)
+    return width

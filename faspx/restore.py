@@ -1,0 +1,50 @@
+"""Least-squares restoration of a consumer matrix after some of its input columns are removed.
+
+With G = X X^T over all calibration tokens and kept columns M, FASP solves
+``min ||W*[:, M] X[M] - W X||_F`` in closed form:  W*[:, M] = W G[:, M] (G[M, M] + delta I)^-1,
+one Cholesky factorisation per matrix (paper section 3.3). Pure tensor functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def restore(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, damp: float = 0.01) -> torch.Tensor | None:
+    """Restored weights for the kept columns (m x |M|), in float64; None if G[M, M] + delta I is not
+    positive definite or the result is not finite.
+
+    ``damp`` is relative: delta = damp * mean(diag G[M, M]).
+
+    Example:
+        >>> x = torch.randn(4, 64, dtype=torch.float64); w = torch.randn(3, 4, dtype=torch.float64)
+        >>> restore(w, x @ x.T, torch.tensor([0, 1, 2]), damp=0.0).shape
+        torch.Size([3, 3])
+    """
+    w = weight.to(torch.float64)
+    g = gram.to(device=w.device, dtype=torch.float64)
+    keep_cols = keep_cols.to(w.device)
+    g_mm = g[keep_cols][:, keep_cols]
+    delta = damp * g_mm.diagonal().mean()
+    g_mm = g_mm + delta * torch.eye(len(keep_cols), dtype=g.dtype, device=g.device)
+    chol, info = torch.linalg.cholesky_ex(g_mm)
+    if int(info) != 0:
+        return None
+    rhs = w @ g[:, keep_cols]  # m x |M|
+    # W* G_MM = rhs  <=>  G_MM W*^T = rhs^T  (G_MM symmetric)
+    restored = torch.cholesky_solve(rhs.T, chol).T
+    return restored if torch.isfinite(restored).all() else None
+
+
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """||W' X - W X||_F^2 computed from the Gram matrix: tr((W' - W) G (W' - W)^T).
+
+    ``new_weight`` has the full width, with zeros in the removed columns.
+
+    Example:
+        >>> w = torch.eye(2); g = torch.eye(2)
+        >>> reconstruction_error(w, torch.zeros(2, 2), g)
+        2.0
+    """
+    diff = new_weight.to(torch.float64) - weight.to(torch.float64)
+    return float(((diff @ gram.to(device=diff.device, dtype=torch.float64)) * diff).sum())
