@@ -31,9 +31,7 @@ def verbosity(fn):
             return fn(*args, progress=not quiet, **kwargs)
         except click.exceptions.Exit:
             raise
-        except UsageError as err:
-            _fail(err, verbose, err.exit_code)
-        except FaspxError as err:
+        except FaspxError as err:  # UsageError included: exit 2
             _fail(err, verbose, err.exit_code)
         except torch.OutOfMemoryError as err:
             _fail(FaspxError("out of memory: lower --nsamples/--seqlen, use --dtype bfloat16, or "

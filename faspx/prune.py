@@ -25,8 +25,10 @@ from faspx.score import kept_columns, score, select
 
 log = logging.getLogger("faspx")
 
-# Each retry multiplies the relative damping by 10 when G[M, M] + delta I is not positive definite.
+# When G[M, M] + delta I is not positive definite, retry with 10x, 100x, ... the damping (from
+# at least MIN_RETRY_DAMP, so that a requested damping of 0 can recover too).
 DAMP_RETRIES = 4
+MIN_RETRY_DAMP = 1e-4
 
 
 @dataclass
@@ -276,7 +278,7 @@ def prune_pair(layer: nn.Module, pair: Pair, gram: torch.Tensor, n_remove: int, 
     new_cols = weight[:, keep_cols]
     if restore_weights:
         for attempt in range(DAMP_RETRIES):
-            result.damp = damp * 10**attempt
+            result.damp = damp if attempt == 0 else max(damp, MIN_RETRY_DAMP) * 10**attempt
             restored = restore(weight, gram, keep_cols, result.damp)
             if restored is not None:
                 break

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def restore(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, damp: float = 0.01) -> torch.Tensor | None:
+def restore(
+    weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, damp: float = 0.01
+) -> torch.Tensor | None:
     """Restored weights for the kept columns (m x |M|), in float64; None if G[M, M] + delta I is not
     positive definite or the result is not finite.
 

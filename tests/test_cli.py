@@ -1,0 +1,133 @@
+"""faspx prune / eval end to end on tiny saved models, and every bad input of the core CLI."""
+
+import json
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from faspx.cli import main
+from tests.conftest import save_tiny
+
+
+@pytest.fixture
+def model_dir(tmp_path, opt_tokenizer):
+    return save_tiny("llama", tmp_path / "dense", opt_tokenizer)
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def prune_args(model_dir, text_file, out, *extra):
+    return ("prune", "--model", model_dir, "--sparsity", "0.3", "--calib", text_file, "--nsamples", "4",
+            "--seqlen", "64", "--out", out, "-q", *extra)
+
+
+def test_prune_writes_a_stock_directory_with_provenance(model_dir, text_file, tmp_path):
+    out = tmp_path / "pruned"
+    code, output = run(*prune_args(model_dir, text_file, out))
+    assert code == 0, output
+    info = json.loads((out / "fasp.json").read_text())
+    assert info["sparsity"] == 0.3 and info["calibration"]["nsamples"] == 4
+    assert len(info["layers"]) == 2 and len(info["layers"][0]["ffn"]["keep"]) < 160
+    model = AutoModelForCausalLM.from_pretrained(out)  # stock class, no custom code
+    assert model.config.intermediate_size == len(info["layers"][0]["ffn"]["keep"])
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert info["params"]["decoder_linear_nonzero"] < info["params"]["decoder_linear_stored"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@torch.no_grad()
+def test_saved_model_reloads_with_the_same_logits(model_dir, text_file, opt_tokenizer, tmp_path):
+    from faspx import prune
+    from faspx.data import calibration_ids
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prune(model, calibration_ids(opt_tokenizer, str(text_file), 4, 64), 0.3, progress=False)
+    model.save_pretrained(tmp_path / "p")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    ids = torch.randint(0, 50000, (2, 24))
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_eval_prints_perplexity_and_writes_json(model_dir, text_file, tmp_path):
+    code, output = run("eval", "--model", model_dir, "--dataset", text_file, "--seqlen", "64",
+                       "--max-windows", "2", "--json", tmp_path / "e.json", "-q")
+    assert code == 0, output
+    assert "perplexity" in output and json.loads((tmp_path / "e.json").read_text())["windows"] == 2
+
+
+@pytest.mark.parametrize("sparsity, pattern", [("-0.1", r"\[0, 0\.\d{4}\)"), ("0.99", r"\[0, 0\.\d{4}\)"),
+                                               ("abc", "not a valid float")])
+def test_bad_sparsity_is_a_usage_error(model_dir, text_file, tmp_path, sparsity, pattern):
+    args = list(prune_args(model_dir, text_file, tmp_path / "o"))
+    args[args.index("0.3")] = sparsity
+    code, output = run(*args)
+    assert code == 2
+    import re
+
+    assert re.search(pattern, output), output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_architecture(tmp_path, text_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "g")
+    code, output = run(*prune_args(tmp_path / "g", text_file, tmp_path / "o"))
+    assert code == 2 and "gpt2" in output and "llama" in output and "opt" in output
+
+
+def test_missing_model_path(tmp_path, text_file):
+    code, output = run(*prune_args(tmp_path / "nowhere", text_file, tmp_path / "o"))
+    assert code == 2 and "does not exist" in output
+
+
+def test_hub_id_while_offline_fails_fast(tmp_path, text_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    code, output = run(*prune_args("facebook/opt-no-such-model", text_file, tmp_path / "o"))
+    assert code == 1 and "offline" in output and "local model directory" in output
+    assert time.perf_counter() - start < 15
+
+
+def test_calibration_too_short(model_dir, tmp_path):
+    (tmp_path / "short.txt").write_text("too short")
+    code, output = run(*prune_args(model_dir, tmp_path / "short.txt", tmp_path / "o"))
+    assert code == 2 and "fewer than" in output
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_out_needs_force(model_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, output = run(*prune_args(model_dir, text_file, out))
+    assert code == 2 and "--force" in output and (out / "keep.txt").exists()
+    code, output = run(*prune_args(model_dir, text_file, out, "--force"))
+    assert code == 0, output
+    assert not (out / "keep.txt").exists() and (out / "fasp.json").exists()
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError("disk on fire")])
+def test_crash_mid_write_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch, fault):
+    import faspx.outputs
+
+    def boom(*_a, **_k):
+        raise fault
+
+    monkeypatch.setattr(faspx.outputs, "write_json", boom)
+    code, output = run(*prune_args(model_dir, text_file, tmp_path / "o"))
+    assert code == 1 and "error" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "dense"]
+
+
+def test_verbose_shows_the_traceback(tmp_path, text_file):
+    code, output = run(*prune_args(tmp_path / "nowhere", text_file, tmp_path / "o"), "-v")
+    assert code == 2 and "Traceback" in output
+    code, output = run(*prune_args(tmp_path / "nowhere", text_file, tmp_path / "o"))
+    assert "Traceback" not in output

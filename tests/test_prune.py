@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from faspx.adapters import adapter_for
+from faspx.errors import FaspxError
+from faspx.prune import prune
+from tests.conftest import calib, tiny_model
+
+
+@torch.no_grad()
+def test_sparsity_zero_returns_the_same_logits(kind):
+    dense, model = tiny_model(kind), tiny_model(kind)
+    report = prune(model, calib(), 0.0, progress=False)
+    ids = calib(2, 16, seed=5)
+    assert torch.equal(model(ids).logits, dense(ids).logits)
+    assert report.layers == []
+
+
+@torch.no_grad()
+def test_prune_shrinks_the_ffn_and_keeps_a_stock_model(kind):
+    model = tiny_model(kind)
+    adapter = adapter_for(model.config)
+    width = getattr(model.config, adapter.ffn_width_key)
+    report = prune(model, calib(), 0.3, progress=False)
+    new_width = getattr(model.config, adapter.ffn_width_key)
+    assert new_width == width - report.n_remove["ffn"] < width
+    for layer in adapter.layers(model):
+        assert layer.get_submodule(adapter.ffn_consumer).weight.shape[1] == new_width
+    assert torch.isfinite(model(calib(2, 16, seed=5)).logits).all()
+    assert len(report.layers) == model.config.num_hidden_layers
+    for layer in report.layers:
+        for result in layer.values():
+            assert len(result.keep) == result.n_units - report.n_remove[next(k for k in layer if layer[k] is result)]
+
+
+@torch.no_grad()
+def test_restoration_beats_plain_removal_on_the_model_output(kind):
+    ids = calib(16, 32)
+    dense = tiny_model(kind)
+    ref = dense(ids).logits
+    errs = {}
+    for restore_weights in (True, False):
+        model = tiny_model(kind)
+        prune(model, ids, 0.3, restore_weights=restore_weights, progress=False)
+        errs[restore_weights] = float(((model(ids).logits - ref) ** 2).mean())
+    assert errs[True] < errs[False]
+
+
+@torch.no_grad()
+def test_restored_layers_report_lower_error():
+    model = tiny_model("opt")
+    report = prune(model, calib(16, 32), 0.3, progress=False)
+    for layer in report.layers:
+        for result in layer.values():
+            assert result.restored and result.err_restored < result.err_removed
+
+
+@torch.no_grad()
+def test_nan_in_a_layer_fails_naming_the_layer():
+    model = tiny_model("llama")
+    model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FaspxError, match="layer 1"):
+        prune(model, calib(), 0.2, progress=False)
+
+
+@torch.no_grad()
+def test_singular_gram_falls_back_to_more_damping(monkeypatch):
+    """With damping 0 and rank-deficient inputs Cholesky fails; the retry with more damping succeeds."""
+    model = tiny_model("opt")
+    ids = torch.zeros(2, 8, dtype=torch.long)  # 16 tokens: G (192 x 192) at fc2 has rank <= 16
+    report = prune(model, ids, 0.2, damp=0.0, progress=False)
+    damps = [r.damp for layer in report.layers for r in layer.values()]
+    assert any(d > 0 for d in damps)
+
+
+def test_dtype_and_device_resolution():
+    from faspx.errors import UsageError
+    from faspx.prune import resolve_device, resolve_dtype
+
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(UsageError):
+        resolve_dtype("int3", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(UsageError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+@torch.no_grad()
+def test_bf16_forward_prunes_an_fp32_model():
+    model = tiny_model("qwen2")
+    prune(model, calib(), 0.2, dtype="bfloat16", progress=False)
+    assert next(model.parameters()).dtype == torch.float32
+    assert torch.isfinite(model(calib(2, 16)).logits).all()
