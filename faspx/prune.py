@@ -21,7 +21,7 @@ from faspx.adapters import Adapter, Pair, adapter_for
 from faspx.budget import Budget, plan
 from faspx.errors import FaspxError, UsageError
 from faspx.restore import reconstruction_error, restore
-from faspx.score import kept_columns, score, select
+from faspx.score import kept_columns, score, select, select_obs
 
 log = logging.getLogger("faspx")
 
@@ -29,6 +29,8 @@ log = logging.getLogger("faspx")
 # at least MIN_RETRY_DAMP, so that a requested damping of 0 can recover too).
 DAMP_RETRIES = 4
 MIN_RETRY_DAMP = 1e-4
+SELECTIONS = ("wanda", "obs")
+TARGETS = ("pruned", "dense")
 
 
 @dataclass
@@ -51,6 +53,8 @@ class PruneReport:
     structure: str
     restore: bool
     damp: float
+    selection: str
+    target: str
     n_remove: dict[str, int]
     removed_fraction: float
     device: str
@@ -97,13 +101,18 @@ def prune(
     structure: str = "fasp",
     restore_weights: bool = True,
     damp: float = 0.01,
+    selection: str = "wanda",
+    target: str = "pruned",
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place with FASP and return what was done.
 
-    ``calib_ids`` is a (samples x seqlen) LongTensor of calibration tokens. The FFN pair shrinks
+    ``calib_ids`` is a (samples x seqlen) LongTensor of calibration tokens. ``selection`` is
+    ``wanda`` (the paper's structured Wanda score) or ``obs`` (restoration-aware). ``target`` is what
+    the restoration reproduces: ``pruned`` (the paper: W X on the inputs of the model pruned so far)
+    or ``dense`` (W X on the dense model's inputs, so each layer corrects the drift before it). The FFN pair shrinks
     physically (the config's FFN width is updated); the V/O pair is zeroed at full width so that the
     result stays a stock transformers model.
 
@@ -116,14 +125,18 @@ def prune(
         >>> model.config.ffn_dim < 64
         True
     """
+    if selection not in SELECTIONS:
+        raise UsageError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+    if target not in TARGETS:
+        raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     adapter = adapter_for(model.config)
     budget = plan(model, adapter, sparsity, structure)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     pairs = adapter.pairs(model.config)
     report = PruneReport(
-        sparsity=sparsity, structure=structure, restore=restore_weights, damp=damp,
-        n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
+        sparsity=sparsity, structure=structure, restore=restore_weights, damp=damp, selection=selection,
+        target=target, n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
         device=str(device), dtype=str(dtype).removeprefix("torch."),
         n_calib=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]),
     )
@@ -134,10 +147,12 @@ def prune(
 
     layers = adapter.layers(model)
     hidden, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, device, dtype)
+    dense_hidden = [h.clone() for h in hidden] if target == "dense" else None
     bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
     for i in bar:
-        results = prune_layer(layers[i], hidden, layer_kwargs, pairs, budget, i,
-                              restore_weights=restore_weights, damp=damp, device=device, dtype=dtype)
+        results = prune_layer(layers[i], hidden, layer_kwargs, pairs, budget, i, restore_weights=restore_weights,
+                              damp=damp, selection=selection, device=device, dtype=dtype,
+                              dense_hidden=dense_hidden)
         report.layers.append(results)
         bar.set_postfix({p: f"{r.err_restored if r.err_restored is not None else r.err_removed:.3g}"
                          for p, r in results.items()})
@@ -210,76 +225,119 @@ def storage_device(nbytes: int, device: torch.device) -> torch.device:
 
 
 def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict, pairs: list[Pair],
-                budget: Budget, index: int, *, restore_weights: bool, damp: float,
-                device: torch.device, dtype: torch.dtype) -> dict[str, PairResult]:
-    """Prune the pairs of one layer in order, then replace ``hidden`` by the pruned layer's outputs."""
+                budget: Budget, index: int, *, restore_weights: bool, damp: float, selection: str,
+                device: torch.device, dtype: torch.dtype,
+                dense_hidden: list[torch.Tensor] | None = None) -> dict[str, PairResult]:
+    """Prune the pairs of one layer in order, then replace ``hidden`` by the pruned layer's outputs.
+
+    With ``dense_hidden`` (the dense model's inputs to this layer) each consumer is restored towards
+    the dense model's output on the dense inputs, and ``dense_hidden`` advances through the dense layer.
+    """
     results: dict[str, PairResult] = {}
     work = copy.deepcopy(layer).to(device=device, dtype=dtype)
+    dense = copy.deepcopy(work) if dense_hidden is not None else None
     for pair in pairs:
         n_remove = budget.n_remove[pair.name]
         if n_remove == 0:
             continue
-        gram = consumer_gram(work, pair.consumer, hidden, layer_kwargs)
-        if not torch.isfinite(gram).all():
+        stats = consumer_stats(work, pair.consumer, hidden, layer_kwargs, dense, dense_hidden)
+        if not all(torch.isfinite(t).all() for t in stats if t is not None):
             raise FaspxError(
                 f"layer {index} produced NaN/Inf activations at the input of {pair.consumer}; "
                 "try --dtype float32"
             )
-        results[pair.name] = prune_pair(layer, pair, gram, n_remove, index,
-                                        restore_weights=restore_weights, damp=damp)
+        results[pair.name] = prune_pair(layer, pair, stats, n_remove, index, restore_weights=restore_weights,
+                                        damp=damp, selection=selection)
         work = copy.deepcopy(layer).to(device=device, dtype=dtype)
-    for j, x in enumerate(hidden):
-        out = work(x.to(device), **layer_kwargs)
-        hidden[j] = (out[0] if isinstance(out, tuple) else out).to(x.device)
+    for stream, net in ((hidden, work), (dense_hidden, dense)):
+        for j, x in enumerate(stream or []):
+            out = net(x.to(device), **layer_kwargs)
+            stream[j] = (out[0] if isinstance(out, tuple) else out).to(x.device)
     return results
 
 
-def consumer_gram(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], layer_kwargs: dict) -> torch.Tensor:
-    """G = X X^T (float64) at the input of ``consumer`` over all calibration tokens.
+@dataclass
+class Stats:
+    """Second moments at a consumer's input: G = X~^T X~ of the pruned model's inputs X~ and, when the
+    restoration targets the dense model, cross = X~^T X (X: the dense model's inputs) and G_target = X^T X."""
 
-    Each forward stops once the consumer has seen its input: the rest of the layer is not needed.
+    gram: torch.Tensor
+    cross: torch.Tensor | None = None
+    gram_target: torch.Tensor | None = None
+
+    def __iter__(self):
+        return iter((self.gram, self.cross, self.gram_target))
+
+
+def consumer_input(layer: nn.Module, consumer: str, x: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    """The (tokens x in_features) float32 input of ``consumer`` when ``layer`` runs on ``x``.
+
+    The forward stops once the consumer has seen its input: the rest of the layer is not needed.
     """
     module = layer.get_submodule(consumer)
-    gram = torch.zeros(module.in_features, module.in_features, dtype=torch.float64,
-                       device=module.weight.device)
+    seen: list[torch.Tensor] = []
 
-    def accumulate(_module, args):
-        x = args[0].reshape(-1, module.in_features).float()
-        gram.add_(x.T @ x)
+    def grab(_module, args):
+        seen.append(args[0].reshape(-1, module.in_features).float())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(accumulate)
+    handle = module.register_forward_pre_hook(grab)
     try:
-        for x in hidden:
-            try:
-                layer(x.to(module.weight.device), **layer_kwargs)
-            except _Stop:
-                pass
+        layer(x.to(module.weight.device), **layer_kwargs)
+    except _Stop:
+        pass
     finally:
         handle.remove()
-    return gram
+    return seen[0]
 
 
-def prune_pair(layer: nn.Module, pair: Pair, gram: torch.Tensor, n_remove: int, index: int, *,
-               restore_weights: bool, damp: float) -> PairResult:
+def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], layer_kwargs: dict,
+                   dense: nn.Module | None = None, dense_hidden: list[torch.Tensor] | None = None) -> Stats:
+    """Accumulate the Stats of ``consumer`` (float64) over all calibration samples."""
+    n = layer.get_submodule(consumer).in_features
+    device = layer.get_submodule(consumer).weight.device
+
+    def zeros():
+        return torch.zeros(n, n, dtype=torch.float64, device=device)
+
+    stats = Stats(zeros(), *((zeros(), zeros()) if dense is not None else ()))
+    for j, x in enumerate(hidden):
+        x_pruned = consumer_input(layer, consumer, x, layer_kwargs)
+        stats.gram.add_(x_pruned.T @ x_pruned)
+        if dense is not None:
+            x_dense = consumer_input(dense, consumer, dense_hidden[j], layer_kwargs)
+            stats.cross.add_(x_pruned.T @ x_dense)
+            stats.gram_target.add_(x_dense.T @ x_dense)
+    return stats
+
+
+def prune_pair(layer: nn.Module, pair: Pair, stats: Stats, n_remove: int, index: int, *,
+               restore_weights: bool, damp: float, selection: str = "wanda") -> PairResult:
     """Choose the kept units of one pair, restore its consumer, and write the result into ``layer``."""
+    gram, cross, gram_target = stats
     consumer = layer.get_submodule(pair.consumer)
     weight = consumer.weight.data.to(device=gram.device, dtype=torch.float64)
     n_units = int(pair.col_unit.max()) + 1
     col_unit = pair.col_unit.to(gram.device)
-    keep = select(score(weight, gram.diagonal(), col_unit, n_units), n_remove)
+    if selection == "obs":
+        keep = select_obs(weight, gram, col_unit, n_remove, damp=max(damp, MIN_RETRY_DAMP))
+    else:
+        keep = select(score(weight, gram.diagonal(), col_unit, n_units), n_remove)
     keep_cols = kept_columns(keep, col_unit)
 
-    total = float(((weight @ gram) * weight).sum()) or 1.0
-    removed = torch.zeros_like(weight)
-    removed[:, keep_cols] = weight[:, keep_cols]
-    result = PairResult(keep=keep.tolist(), n_units=n_units,
-                        err_removed=reconstruction_error(weight, removed, gram) / total)
+    def error(new_cols: torch.Tensor) -> float:
+        full = torch.zeros_like(weight)
+        full[:, keep_cols] = new_cols
+        return reconstruction_error(weight, full, gram, cross, gram_target) / total
+
+    target = gram if gram_target is None else gram_target
+    total = float(((weight @ target) * weight).sum()) or 1.0
     new_cols = weight[:, keep_cols]
+    result = PairResult(keep=keep.tolist(), n_units=n_units, err_removed=error(new_cols))
     if restore_weights:
         for attempt in range(DAMP_RETRIES):
             result.damp = damp if attempt == 0 else max(damp, MIN_RETRY_DAMP) * 10**attempt
-            restored = restore(weight, gram, keep_cols, result.damp)
+            restored = restore(weight, gram, keep_cols, result.damp, cross)
             if restored is not None:
                 break
         else:
@@ -287,9 +345,7 @@ def prune_pair(layer: nn.Module, pair: Pair, gram: torch.Tensor, n_remove: int, 
                 f"layer {index}: restoring {pair.consumer} failed (not positive definite or "
                 f"non-finite) even with damping {result.damp:g}; try --no-restore or --dtype float32"
             )
-        full = torch.zeros_like(weight)
-        full[:, keep_cols] = restored
-        result.err_restored = reconstruction_error(weight, full, gram) / total
+        result.err_restored = error(restored)
         # A restoration that raises the layer's error is never accepted.
         if result.err_restored <= result.err_removed:
             new_cols, result.restored = restored, True

@@ -11,12 +11,15 @@ import torch
 
 
 def restore(
-    weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, damp: float = 0.01
+    weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, damp: float = 0.01,
+    cross: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Restored weights for the kept columns (m x |M|), in float64; None if G[M, M] + delta I is not
     positive definite or the result is not finite.
 
-    ``damp`` is relative: delta = damp * mean(diag G[M, M]).
+    ``damp`` is relative: delta = damp * mean(diag G[M, M]). With ``cross`` = X~^T X the target is
+    the output on other inputs X (the dense model's) while W* reads X~:
+    min ||W*[:, M] X~[M] - W X||  gives  W*[:, M] = W cross[M, :]^T (G~[M, M] + delta I)^-1.
 
     Example:
         >>> x = torch.randn(4, 64, dtype=torch.float64); w = torch.randn(3, 4, dtype=torch.float64)
@@ -32,21 +35,30 @@ def restore(
     chol, info = torch.linalg.cholesky_ex(g_mm)
     if int(info) != 0:
         return None
-    rhs = w @ g[:, keep_cols]  # m x |M|
+    moment = g if cross is None else cross.to(device=w.device, dtype=torch.float64)
+    rhs = w @ moment[keep_cols].T  # m x |M|
     # W* G_MM = rhs  <=>  G_MM W*^T = rhs^T  (G_MM symmetric)
     restored = torch.cholesky_solve(rhs.T, chol).T
     return restored if torch.isfinite(restored).all() else None
 
 
-def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor,
+                         cross: torch.Tensor | None = None, gram_target: torch.Tensor | None = None) -> float:
     """||W' X - W X||_F^2 computed from the Gram matrix: tr((W' - W) G (W' - W)^T).
 
-    ``new_weight`` has the full width, with zeros in the removed columns.
+    ``new_weight`` has the full width, with zeros in the removed columns. With ``cross`` = X~^T X and
+    ``gram_target`` = X^T X it is ||W' X~ - W X||^2 = tr(W' G W'^T) - 2 tr(W' cross W^T) + tr(W G_t W^T).
 
     Example:
         >>> w = torch.eye(2); g = torch.eye(2)
         >>> reconstruction_error(w, torch.zeros(2, 2), g)
         2.0
     """
-    diff = new_weight.to(torch.float64) - weight.to(torch.float64)
-    return float(((diff @ gram.to(device=diff.device, dtype=torch.float64)) * diff).sum())
+    w, w_new = weight.to(torch.float64), new_weight.to(torch.float64)
+
+    def quad(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor) -> float:  # tr(a m b^T)
+        return float(((a @ m.to(device=a.device, dtype=torch.float64)) * b).sum())
+
+    if cross is None:
+        return quad(w_new - w, gram, w_new - w)
+    return quad(w_new, gram, w_new) - 2 * quad(w_new, cross, w) + quad(w, gram_target, w)

@@ -46,3 +46,48 @@ def kept_columns(keep_units: torch.Tensor, col_unit: torch.Tensor) -> torch.Tens
     mask = torch.zeros(int(col_unit.max()) + 1, dtype=torch.bool, device=col_unit.device)
     mask[keep_units.to(col_unit.device)] = True
     return mask[col_unit].nonzero().flatten()
+
+
+def select_obs(weight: torch.Tensor, gram: torch.Tensor, col_unit: torch.Tensor, n_remove: int,
+               damp: float = 0.01, blocks: int = 32) -> torch.Tensor:
+    """Restoration-aware selection (structured OBS): sorted indices of the units to keep.
+
+    Removing the columns C of a unit while the others are restored by least squares costs
+    tr(W_C [(G^-1)_CC]^-1 W_C^T) (||W_j||^2 / [G^-1]_jj for one column). Units are removed greedily
+    in ``blocks`` rounds; after each round W and G^-1 are updated as if the removed columns were
+    gone, so later choices see the restored weights. O(n^3) per matrix, like the restoration.
+
+    Example:
+        >>> x = torch.randn(4, 200, dtype=torch.float64); x[1] = x[0] + 1e-3 * x[1]
+        >>> w = torch.ones(2, 4, dtype=torch.float64)
+        >>> select_obs(w, x @ x.T, torch.arange(4), 1, damp=0.0).tolist()  # column 1 copies column 0
+        [0, 2, 3]
+    """
+    w = weight.to(torch.float64).clone()
+    g = gram.to(device=w.device, dtype=torch.float64)
+    n_units = int(col_unit.max()) + 1
+    unit_cols = torch.stack([(col_unit == u).nonzero().flatten() for u in range(n_units)]).to(w.device)
+    g = g + damp * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    hinv = torch.linalg.inv(g)
+    alive = torch.ones(n_units, dtype=torch.bool, device=w.device)
+    per_round = max(1, -(-n_remove // blocks))
+    removed = 0
+    while removed < n_remove:
+        units = alive.nonzero().flatten()
+        cols = unit_cols[units]  # (u, k)
+        h_uu = hinv[cols.unsqueeze(2), cols.unsqueeze(1)]  # (u, k, k)
+        w_u = w[:, cols].permute(1, 0, 2)  # (u, m, k)
+        cost = (w_u @ torch.linalg.inv(h_uu) * w_u).sum(dim=(1, 2))
+        take = units[torch.topk(cost, min(per_round, n_remove - removed), largest=False).indices]
+        drop = unit_cols[take].flatten()
+        # Remove the chosen columns and restore the rest (the OBS update), then forget them in G^-1.
+        h_dd_inv = torch.linalg.inv(hinv[drop][:, drop])
+        w -= w[:, drop] @ h_dd_inv @ hinv[drop]
+        hinv -= hinv[:, drop] @ h_dd_inv @ hinv[drop]
+        w[:, drop] = 0
+        hinv[drop] = 0
+        hinv[:, drop] = 0
+        hinv[drop, drop] = 1  # keeps later gathers invertible; these columns are never chosen again
+        alive[take] = False
+        removed += len(take)
+    return alive.nonzero().flatten()

@@ -93,3 +93,29 @@ def test_bf16_forward_prunes_an_fp32_model():
     prune(model, calib(), 0.2, dtype="bfloat16", progress=False)
     assert next(model.parameters()).dtype == torch.float32
     assert torch.isfinite(model(calib(2, 16)).logits).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "options", [{"selection": "obs"}, {"target": "dense"}, {"selection": "obs", "target": "dense"}]
+)
+def test_accuracy_options_run_and_reduce_the_output_error(options):
+    ids = calib(16, 32)
+    dense = tiny_model("llama")
+    ref = dense(ids).logits
+    errs = {}
+    for name, opts in (("paper", {}), ("option", options)):
+        model = tiny_model("llama")
+        report = prune(model, ids, 0.3, progress=False, **opts)
+        errs[name] = float(((model(ids).logits - ref) ** 2).mean())
+        assert report.selection == opts.get("selection", "wanda") and report.target == opts.get("target", "pruned")
+    assert errs["option"] < errs["paper"]
+
+
+def test_unknown_selection_or_target_is_a_usage_error():
+    from faspx.errors import UsageError
+
+    with pytest.raises(UsageError, match="selection"):
+        prune(tiny_model("opt"), calib(), 0.2, selection="magic", progress=False)
+    with pytest.raises(UsageError, match="target"):
+        prune(tiny_model("opt"), calib(), 0.2, target="magic", progress=False)

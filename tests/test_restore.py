@@ -57,3 +57,20 @@ def test_restoration_lowers_the_error_on_a_real_layer():
     err_removed = ((removed @ x - w @ x) ** 2).sum()
     err_restored = ((restored @ x - w @ x) ** 2).sum()
     assert err_restored < 0.5 * err_removed
+
+
+def test_error_correcting_restore_matches_lstsq_against_the_dense_output():
+    """W* reads the pruned model's inputs X~ but reproduces W X on the dense model's inputs X."""
+    torch.manual_seed(3)
+    x_dense = torch.randn(10, 400, dtype=torch.float64)
+    x_pruned = x_dense + 0.3 * torch.randn(10, 400, dtype=torch.float64)  # drifted inputs
+    w = torch.randn(4, 10, dtype=torch.float64)
+    keep = torch.tensor([0, 1, 3, 4, 6, 9])
+    got = restore(w, x_pruned @ x_pruned.T, keep, damp=0.0, cross=x_pruned @ x_dense.T)
+    expected = torch.linalg.lstsq(x_pruned[keep].T, (w @ x_dense).T).solution.T
+    assert torch.allclose(got, expected, atol=1e-9)
+    full = torch.zeros_like(w)
+    full[:, keep] = got
+    direct = float(((full @ x_pruned - w @ x_dense) ** 2).sum())
+    from_moments = reconstruction_error(w, full, x_pruned @ x_pruned.T, x_pruned @ x_dense.T, x_dense @ x_dense.T)
+    assert abs(from_moments - direct) < 1e-8 * direct
