@@ -25,8 +25,14 @@ def verbosity(fn):
     def wrapper(*args, quiet: bool, verbose: bool, **kwargs):
         level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
         logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+        logging.getLogger().handlers[0].setLevel(level)  # a file log may lower the faspx logger's level
         for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        if quiet:
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.set_verbosity_error()
         try:
             return fn(*args, progress=not quiet, **kwargs)
         except click.exceptions.Exit:
@@ -77,6 +83,11 @@ def prune_options(fn):
         click.option("--no-restore", is_flag=True, help="Skip the least-squares restoration (structured Wanda)."),
         click.option("--damp", type=float, default=0.01, show_default=True,
                      help="Restoration damping, relative to mean(diag G[M,M])."),
+        click.option("--selection", type=click.Choice(["wanda", "obs"]), default="wanda", show_default=True,
+                     help="wanda: the paper's score; obs: restoration-aware (structured OBS)."),
+        click.option("--restore-target", type=click.Choice(["pruned", "dense"]), default="pruned",
+                     show_default=True,
+                     help="Restore towards W X on the pruned model's inputs (paper) or the dense model's."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
                      help="Forward dtype while pruning: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
@@ -89,7 +100,8 @@ def prune_options(fn):
 
 
 def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsamples: int, seqlen: int,
-              no_restore: bool, damp: float, device: str, dtype: str, seed: int, progress: bool):
+              no_restore: bool, damp: float, selection: str, restore_target: str, device: str, dtype: str,
+              seed: int, progress: bool):
     """Check the input, load the model, calibrate and prune. Returns (model, tokenizer, fasp_json)."""
     from faspx.budget import plan
     from faspx.data import calibration_ids
@@ -111,7 +123,7 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
     calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
     log.info("pruning %d layers on %s in %s", len(adapter.layers(model)), dev, fwd_dtype)
     report = prune(model, calib_ids, sparsity, structure=structure, restore_weights=not no_restore, damp=damp,
-                   device=dev, dtype=fwd_dtype, progress=progress)
+                   selection=selection, target=restore_target, device=dev, dtype=fwd_dtype, progress=progress)
     info = provenance(
         source_model=model_name, revision=revision(model), architecture=adapter.family,
         model_type=config.model_type, calibration={"source": calib, "nsamples": nsamples, "seqlen": seqlen,
@@ -188,6 +200,220 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
     if json_out:
         write_json(json_out, result)
     click.echo(f"perplexity {ppl:.4f} ({dataset}, {windows} windows of {seqlen}, {model_name})")
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for people: 812 B, 14.2 KB, 3.4 MB, 1.27 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{nbytes} B"
+
+
+def _files_line(summary: dict) -> str:
+    files = ", ".join(f"{name} {_size(n)}" for name, n in summary["files"].items())
+    return f"{files}; total {_size(summary['bytes'])}"
+
+
+@main.command("export")
+@click.option("--model", "model_name", required=True,
+              help="Model directory (e.g. the output of faspx prune) or hub id.")
+@click.option("--target", type=click.Choice(["hf", "onnx", "all"]), default="all", show_default=True,
+              help="hf: stock safetensors checkpoint in OUT/hf; onnx: validated ONNX graph in OUT/onnx; all: both.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Saved weights of the HF export (auto: the source checkpoint's dtype).")
+@click.option("--fp16", is_flag=True, help="ONNX graph in float16 (weights and KV cache); default float32.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+              show_default=True, help="torch.onnx exporter; auto: dynamo, TorchScript if dynamo fails.")
+@click.option("--atol", type=float, default=None,
+              help="Bound on max |logits ONNX - PyTorch| [default: 1e-3 for fp32, 1e-1 for --fp16].")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@verbosity
+def export_cmd(model_name: str, target: str, out: Path, dtype: str, fp16: bool, opset: int, exporter: str,
+               atol: float | None, force: bool, progress: bool) -> None:
+    """Export a (pruned) model: a stock HF checkpoint and/or an ONNX decoder with KV cache."""
+    import json
+
+    from exporters.hf import DTYPES
+    from faspx.models import load_config, load_model
+    from faspx.outputs import atomic_dir, check_out, provenance
+
+    check_out(out, force)
+    if atol is not None and not atol > 0:
+        raise UsageError(f"--atol must be > 0 (got {atol})")
+    config, _ = load_config(model_name)  # a directory without config.json is a UsageError here
+    source_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    hf_dtype = dtype if dtype != "auto" else source_dtype if source_dtype in DTYPES else "float32"
+    fasp_path = Path(model_name).expanduser() / "fasp.json"
+    if fasp_path.is_file():
+        fasp_info = json.loads(fasp_path.read_text())
+    else:
+        log.info("%s has no fasp.json: recording it as an unpruned source", model_name)
+        fasp_info = provenance(source_model=model_name, pruned=False)
+    start = time.perf_counter()
+    log.info("loading %s", model_name)
+    # The ONNX graph and its validation run in float32; an HF-only export keeps the checkpoint's dtype.
+    model, tokenizer, _ = load_model(model_name, dtype=torch.float32 if target != "hf" else "auto")
+    with atomic_dir(out, force) as tmp:
+        results = export_targets(model, tokenizer, tmp, target, fasp_info, hf_dtype=hf_dtype, fp16=fp16,
+                                 opset=opset, exporter=exporter, atol=atol)
+    click.echo(f"exported {model_name} to {out} in {time.perf_counter() - start:.1f}s")
+    echo_exports(model, results)
+
+
+def export_targets(model, tokenizer, out: Path, target: str, fasp_info: dict, *, hf_dtype: str = "float32",
+                   fp16: bool = False, opset: int = 18, exporter: str = "auto", atol: float | None = None) -> dict:
+    """Write OUT/hf and/or OUT/onnx (validated against ``model``); return their summaries."""
+    from exporters.hf import export_hf
+    from exporters.onnx import export_onnx, validate_onnx
+
+    results: dict = {}
+    if target in ("hf", "all"):
+        log.info("writing the HF checkpoint")
+        results["hf"] = export_hf(model, tokenizer, out / "hf", fasp_info, dtype=hf_dtype)
+    if target in ("onnx", "all"):
+        model = model.float()  # the graph and its validation are traced in float32 (fp16 is a cast)
+        log.info("exporting the ONNX graph")
+        results["onnx"] = export_onnx(model, tokenizer, out / "onnx", fasp_info, fp16=fp16, opset=opset,
+                                      exporter=exporter)
+        log.info("validating the ONNX graph against PyTorch")
+        results["validation"] = validate_onnx(out / "onnx", model, atol=atol)
+    return results
+
+
+def echo_exports(model, results: dict) -> None:
+    """The export part of a summary: files and sizes, and the validation diffs."""
+    click.echo(f"  {sum(p.numel() for p in model.parameters()):,} parameters stored")
+    if "hf" in results:
+        click.echo(f"  hf/ ({results['hf']['dtype']}): {_files_line(results['hf'])}")
+    if "onnx" in results:
+        o, v = results["onnx"], results["validation"]
+        click.echo(f"  onnx/ ({o['dtype']}, {o['exporter']} exporter, opset {o['opset']}): {_files_line(o)}")
+        click.echo(f"  ONNX vs PyTorch max |logits diff|: prefill {v['prefill_max_abs_diff']:.2e}, decode "
+                   f"{v['decode_max_abs_diff']:.2e} (bound {v['atol']:g}; batch {v['batch']}, left padding, "
+                   f"past up to {v['max_past_length']})")
+
+
+def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
+    """Greedy generation in PyTorch for an HF directory (the ONNX path is exporters.OnnxDecoder)."""
+    from faspx.models import load_model
+    from faspx.prune import resolve_device
+
+    dev = resolve_device(device)
+    model, tokenizer, _ = load_model(str(model_dir))
+    model.to(dev)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(dev)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="An ONNX export (OUT/onnx, run in onnxruntime) or an HF model directory (run in PyTorch).")
+@click.option("--prompt", "prompts", required=True, multiple=True,
+              help="Prompt text; repeat it for a batch (left-padded).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens to generate (greedy).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime (or torch) has it, else the CPU.")
+@verbosity
+def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str, progress: bool) -> None:
+    """Greedy generation with an exported model; prints each prompt followed by its continuation."""
+    from exporters.files import require_model_dir
+
+    model_dir = require_model_dir(model_dir)
+    if (model_dir / "model.onnx").exists():
+        from exporters.ort_runtime import OnnxDecoder
+
+        texts = OnnxDecoder(model_dir, device=device).generate_text(list(prompts), max_new_tokens)
+    else:
+        texts = _torch_generate(model_dir, list(prompts), max_new_tokens, device)
+    for prompt, text in zip(prompts, texts, strict=True):
+        click.echo(prompt + text)
+
+
+@main.command()
+@prune_options
+@click.option("--target", type=click.Choice(["hf", "onnx", "all"]), default="all", show_default=True,
+              help="What to export into OUT: hf/ (stock checkpoint), onnx/ (validated graph), or both.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--save-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Weights of the HF export.")
+@click.option("--fp16", is_flag=True, help="ONNX graph in float16 (for GPUs).")
+@click.option("--atol", type=float, default=None, help="Bound on the ONNX vs PyTorch logits diff.")
+@click.option("--eval", "with_eval", is_flag=True, help="Add dense and pruned perplexity to the report.")
+@click.option("--eval-dataset", default="wikitext2", show_default=True, help="wikitext2, c4 or a text file.")
+@click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@verbosity
+def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | None, with_eval: bool,
+          eval_dataset: str, eval_windows: int | None, force: bool, progress: bool, **options) -> None:
+    """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log."""
+    from faspx.outputs import atomic_dir, check_out, write_json
+
+    check_out(out, force)
+    if atol is not None and not atol > 0:
+        raise UsageError(f"--atol must be > 0 (got {atol})")
+    start = time.perf_counter()
+    with atomic_dir(out, force) as tmp:
+        # build.log keeps every step at INFO level, whatever -q says for the terminal.
+        handler = logging.FileHandler(tmp / "build.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+        try:
+            log.info("faspx build %s", " ".join(sys.argv[1:]))
+            model, tokenizer, info = run_prune(progress=progress, **options)
+            info["timings"] = {"prune_s": info["seconds"]}
+            t = time.perf_counter()
+            info["exports"] = export_targets(model, tokenizer, tmp, target, info, hf_dtype=save_dtype, fp16=fp16,
+                                             atol=atol)
+            info["timings"]["export_s"] = time.perf_counter() - t
+            if with_eval:
+                info["eval"] = evaluate_both(options["model_name"], model, eval_dataset, eval_windows,
+                                             options["device"], progress)
+            write_json(tmp / "fasp.json", info)
+            log.info("done in %.1fs", time.perf_counter() - start)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+    p = info["params"]
+    click.echo(f"built {out} from {options['model_name']} in {time.perf_counter() - start:.1f}s")
+    click.echo(f"  removed {info['removed_fraction']:.1%} of decoder linear weights (--structure "
+               f"{info['structure']}: attn {info['n_remove']['attn']}, ffn {info['n_remove']['ffn']} channels "
+               f"per layer); non-zero {p['decoder_linear_nonzero']:,} of {p['decoder_linear_stored']:,} stored")
+    echo_exports(model, info["exports"])
+    if with_eval:
+        e = info["eval"]
+        click.echo(f"  perplexity ({eval_dataset}, {e['windows']} windows): dense {e['dense']:.3f}, "
+                   f"pruned {e['pruned']:.3f}")
+
+
+def evaluate_both(dense_name: str, pruned, dataset: str, windows: int | None, device: str, progress: bool) -> dict:
+    """Perplexity of the dense source and of the pruned model, same windows, same settings."""
+    from faspx.data import eval_ids
+    from faspx.eval import perplexity
+    from faspx.models import load_model
+    from faspx.prune import resolve_device
+
+    dev = resolve_device(device)
+    dense, tokenizer, _ = load_model(dense_name, dtype=torch.float32)
+    ids = eval_ids(tokenizer, dataset)
+    seqlen = min(2048, getattr(dense.config, "max_position_embeddings", 2048))
+    log.info("perplexity of the dense model")
+    dense_ppl = perplexity(dense, ids, seqlen, max_windows=windows, device=dev, progress=progress)
+    del dense
+    log.info("perplexity of the pruned model")
+    pruned_ppl = perplexity(pruned.float(), ids, seqlen, max_windows=windows, device=dev, progress=progress)
+    pruned.to("cpu")
+    return {"dataset": dataset, "seqlen": seqlen, "windows": min(ids.numel() // seqlen, windows or 10**9),
+            "dense": dense_ppl, "pruned": pruned_ppl}
 
 
 if __name__ == "__main__":

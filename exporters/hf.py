@@ -1,0 +1,100 @@
+"""The stock Hugging Face export: safetensors + config + tokenizer that plain transformers (and vLLM) load.
+
+The FFN width FASP left is already in ``model.config`` (``ffn_dim`` / ``intermediate_size``), so
+``save_pretrained`` writes a config that ``AutoModelForCausalLM.from_pretrained`` reads without
+``trust_remote_code``; ``auto_map`` is removed in case the source had one.
+
+Example:
+    >>> from exporters import export_hf
+    >>> summary = export_hf(model, tokenizer, Path("out/hf"), fasp_info)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, dtype_name, fix_saved_config, write_side_files
+from faspx.errors import UsageError
+
+log = logging.getLogger("faspx")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Checkpoints above this are split into shards (the hub's and vLLM's usual shard size).
+MAX_SHARD_SIZE = "5GB"
+
+
+def resolve_save_dtype(model: nn.Module, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype the weights are saved in: ``auto``/None keeps the model's own."""
+    if dtype in (None, "auto"):
+        return model.dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise UsageError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or auto)")
+    return DTYPES[dtype]
+
+
+def estimate_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes the export will take: every stored tensor (tied ones once) in ``dtype``, plus side files."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+    return total + SIDE_FILES_BYTES
+
+
+def converted_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """The state dict in ``dtype`` (None when it already is); tied tensors stay shared after conversion."""
+    state = model.state_dict()
+    if all(t.dtype == dtype for t in state.values() if t.is_floating_point()):
+        return None
+    done: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in done:
+            done[key] = tensor.detach().to(dtype)
+        out[name] = done[key]
+    return out
+
+
+def export_hf(model: nn.Module, tokenizer, out_dir: Path, fasp_info: dict | None = None,
+              dtype: str | torch.dtype = "float32") -> dict:
+    """Write ``model`` as a stock HF checkpoint into ``out_dir`` and return {dir, files, bytes, dtype}.
+
+    Files: ``model.safetensors`` (``model-0000i-of-0000n.safetensors`` + index above 5 GB),
+    ``config.json``, ``generation_config.json``, the tokenizer files and ``fasp.json`` (when
+    ``fasp_info`` is given). ``dtype`` (float32, float16, bfloat16 or auto) is the dtype of the saved
+    weights; the model in memory is not changed. ``out_dir`` may exist (e.g. the temporary directory
+    of ``faspx.outputs.atomic_dir``); a FaspxError is raised before anything is written when the
+    disk is too small.
+    """
+    if not type(model).__module__.startswith("transformers."):
+        raise UsageError(f"{type(model).__name__} is not a stock transformers class: a stock export needs one")
+    save_dtype = resolve_save_dtype(model, dtype)
+    out_dir = Path(out_dir)
+    check_disk(out_dir, estimate_bytes(model, save_dtype))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = converted_state_dict(model, save_dtype)
+    log.info("writing the HF checkpoint (%s)", dtype_name(save_dtype))
+    config_dtype = getattr(model.config, "dtype", None)
+    try:
+        model.save_pretrained(out_dir, state_dict=state, max_shard_size=MAX_SHARD_SIZE)
+    finally:
+        # save_pretrained records the in-memory dtype in the config object; keep the model as it was.
+        model.config.dtype = config_dtype
+    fix_saved_config(out_dir, dtype_name(save_dtype))
+    write_side_files(model, tokenizer, out_dir, fasp_info)
+    return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype)}
