@@ -81,8 +81,9 @@ def prune_options(fn):
         click.option("--seqlen", type=int, default=2048, show_default=True,
                      help="Tokens per window (capped at the model's max positions)."),
         click.option("--no-restore", is_flag=True, help="Skip the least-squares restoration (structured Wanda)."),
-        click.option("--damp", type=float, default=0.01, show_default=True,
-                     help="Restoration damping, relative to mean(diag G[M,M])."),
+        click.option("--damp", default="0.01", show_default=True,
+                     help="Restoration damping relative to mean(diag G[M,M]), or 'auto': chosen per matrix "
+                          "on held-out calibration samples."),
         click.option("--selection", type=click.Choice(["wanda", "obs"]), default="wanda", show_default=True,
                      help="wanda: the paper's score; obs: restoration-aware (structured OBS)."),
         click.option("--restore-target", type=click.Choice(["pruned", "dense"]), default="pruned",
@@ -100,7 +101,7 @@ def prune_options(fn):
 
 
 def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsamples: int, seqlen: int,
-              no_restore: bool, damp: float, selection: str, restore_target: str, device: str, dtype: str,
+              no_restore: bool, damp: str, selection: str, restore_target: str, device: str, dtype: str,
               seed: int, progress: bool):
     """Check the input, load the model, calibrate and prune. Returns (model, tokenizer, fasp_json)."""
     from faspx.budget import plan
@@ -112,8 +113,13 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
     config, adapter = load_config(model_name)
     # Cheap checks first: a bad sparsity must not cost a model load.
     plan(meta_model(config), adapter, sparsity, structure)
-    if damp < 0:
-        raise UsageError(f"--damp must be >= 0 (got {damp})")
+    if damp != "auto":
+        try:
+            damp = float(damp)
+        except ValueError:
+            raise UsageError(f"--damp must be a number >= 0 or 'auto' (got {damp!r})") from None
+        if damp < 0:
+            raise UsageError(f"--damp must be >= 0 (got {damp})")
     dev = resolve_device(device)
     fwd_dtype = resolve_dtype(dtype, dev)
     seqlen = min(seqlen, getattr(config, "max_position_embeddings", seqlen))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from faspx.adapters import Adapter, Pair, adapter_for
 from faspx.budget import Budget, plan
 from faspx.errors import FaspxError, UsageError
-from faspx.restore import reconstruction_error, restore
+from faspx.restore import Stats, choose_damp, reconstruction_error, restore
 from faspx.score import kept_columns, score, select, select_obs
 
 log = logging.getLogger("faspx")
@@ -52,7 +52,7 @@ class PruneReport:
     sparsity: float
     structure: str
     restore: bool
-    damp: float
+    damp: float | str
     selection: str
     target: str
     n_remove: dict[str, int]
@@ -100,7 +100,7 @@ def prune(
     *,
     structure: str = "fasp",
     restore_weights: bool = True,
-    damp: float = 0.01,
+    damp: float | str = 0.01,
     selection: str = "wanda",
     target: str = "pruned",
     device: str | torch.device | None = "auto",
@@ -127,6 +127,8 @@ def prune(
     """
     if selection not in SELECTIONS:
         raise UsageError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+    if not (damp == "auto" or isinstance(damp, (int, float)) and damp >= 0):
+        raise UsageError(f"damp must be a number >= 0 or 'auto' (got {damp!r})")
     if target not in TARGETS:
         raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     adapter = adapter_for(model.config)
@@ -225,7 +227,7 @@ def storage_device(nbytes: int, device: torch.device) -> torch.device:
 
 
 def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict, pairs: list[Pair],
-                budget: Budget, index: int, *, restore_weights: bool, damp: float, selection: str,
+                budget: Budget, index: int, *, restore_weights: bool, damp: float | str, selection: str,
                 device: torch.device, dtype: torch.dtype,
                 dense_hidden: list[torch.Tensor] | None = None) -> dict[str, PairResult]:
     """Prune the pairs of one layer in order, then replace ``hidden`` by the pruned layer's outputs.
@@ -240,13 +242,13 @@ def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict
         n_remove = budget.n_remove[pair.name]
         if n_remove == 0:
             continue
-        stats = consumer_stats(work, pair.consumer, hidden, layer_kwargs, dense, dense_hidden)
-        if not all(torch.isfinite(t).all() for t in stats if t is not None):
+        folds = consumer_stats(work, pair.consumer, hidden, layer_kwargs, dense, dense_hidden)
+        if not all(torch.isfinite(t).all() for t in folds[0] + folds[1] if t is not None):
             raise FaspxError(
                 f"layer {index} produced NaN/Inf activations at the input of {pair.consumer}; "
                 "try --dtype float32"
             )
-        results[pair.name] = prune_pair(layer, pair, stats, n_remove, index, restore_weights=restore_weights,
+        results[pair.name] = prune_pair(layer, pair, folds, n_remove, index, restore_weights=restore_weights,
                                         damp=damp, selection=selection)
         work = copy.deepcopy(layer).to(device=device, dtype=dtype)
     for stream, net in ((hidden, work), (dense_hidden, dense)):
@@ -254,19 +256,6 @@ def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict
             out = net(x.to(device), **layer_kwargs)
             stream[j] = (out[0] if isinstance(out, tuple) else out).to(x.device)
     return results
-
-
-@dataclass
-class Stats:
-    """Second moments at a consumer's input: G = X~^T X~ of the pruned model's inputs X~ and, when the
-    restoration targets the dense model, cross = X~^T X (X: the dense model's inputs) and G_target = X^T X."""
-
-    gram: torch.Tensor
-    cross: torch.Tensor | None = None
-    gram_target: torch.Tensor | None = None
-
-    def __iter__(self):
-        return iter((self.gram, self.cross, self.gram_target))
 
 
 def consumer_input(layer: nn.Module, consumer: str, x: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
@@ -292,35 +281,45 @@ def consumer_input(layer: nn.Module, consumer: str, x: torch.Tensor, layer_kwarg
 
 
 def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], layer_kwargs: dict,
-                   dense: nn.Module | None = None, dense_hidden: list[torch.Tensor] | None = None) -> Stats:
-    """Accumulate the Stats of ``consumer`` (float64) over all calibration samples."""
+                   dense: nn.Module | None = None, dense_hidden: list[torch.Tensor] | None = None) -> list[Stats]:
+    """Accumulate the Stats of ``consumer`` (float64) in two folds (even and odd samples); their sum
+    is the whole calibration set, and each fold can check a damping fitted on the other."""
     n = layer.get_submodule(consumer).in_features
     device = layer.get_submodule(consumer).weight.device
 
     def zeros():
         return torch.zeros(n, n, dtype=torch.float64, device=device)
 
-    stats = Stats(zeros(), *((zeros(), zeros()) if dense is not None else ()))
+    folds = [Stats(zeros(), *((zeros(), zeros()) if dense is not None else ())) for _ in range(2)]
     for j, x in enumerate(hidden):
+        stats = folds[j % 2]
         x_pruned = consumer_input(layer, consumer, x, layer_kwargs)
         stats.gram.add_(x_pruned.T @ x_pruned)
         if dense is not None:
             x_dense = consumer_input(dense, consumer, dense_hidden[j], layer_kwargs)
             stats.cross.add_(x_pruned.T @ x_dense)
             stats.gram_target.add_(x_dense.T @ x_dense)
-    return stats
+    return folds
 
 
-def prune_pair(layer: nn.Module, pair: Pair, stats: Stats, n_remove: int, index: int, *,
-               restore_weights: bool, damp: float, selection: str = "wanda") -> PairResult:
-    """Choose the kept units of one pair, restore its consumer, and write the result into ``layer``."""
-    gram, cross, gram_target = stats
+def prune_pair(layer: nn.Module, pair: Pair, folds: list[Stats], n_remove: int, index: int, *,
+               restore_weights: bool, damp: float | str, selection: str = "wanda") -> PairResult:
+    """Choose the kept units of one pair, restore its consumer, and write the result into ``layer``.
+
+    ``damp="auto"`` picks the damping per matrix: the candidate whose restoration, fitted on one
+    fold of the calibration samples, reproduces the other fold best.
+    """
+    gram, cross, gram_target = folds[0] + folds[1]
     consumer = layer.get_submodule(pair.consumer)
     weight = consumer.weight.data.to(device=gram.device, dtype=torch.float64)
     n_units = int(pair.col_unit.max()) + 1
     col_unit = pair.col_unit.to(gram.device)
+    if damp == "auto" and restore_weights:
+        damp = choose_damp(weight, folds, kept_columns(select(score(weight, gram.diagonal(), col_unit, n_units),
+                                                              n_remove), col_unit))
     if selection == "obs":
-        keep = select_obs(weight, gram, col_unit, n_remove, damp=max(damp, MIN_RETRY_DAMP))
+        keep = select_obs(weight, gram, col_unit, n_remove,
+                          damp=max(damp if damp != "auto" else 0.0, MIN_RETRY_DAMP))
     else:
         keep = select(score(weight, gram.diagonal(), col_unit, n_units), n_remove)
     keep_cols = kept_columns(keep, col_unit)

@@ -7,7 +7,27 @@ one Cholesky factorisation per matrix (paper section 3.3). Pure tensor functions
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+DAMP_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class Stats:
+    """Second moments at a consumer's input: G = X~^T X~ of the pruned model's inputs X~ and, when the
+    restoration targets the dense model, cross = X~^T X (X: the dense model's inputs) and G_target = X^T X."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor | None = None
+    gram_target: torch.Tensor | None = None
+
+    def __iter__(self):
+        return iter((self.gram, self.cross, self.gram_target))
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(*(None if a is None else a + b for a, b in zip(self, other, strict=True)))
 
 
 def restore(
@@ -62,3 +82,30 @@ def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: t
     if cross is None:
         return quad(w_new - w, gram, w_new - w)
     return quad(w_new, gram, w_new) - 2 * quad(w_new, cross, w) + quad(w, gram_target, w)
+
+
+def choose_damp(weight: torch.Tensor, folds: list[Stats], keep_cols: torch.Tensor,
+                candidates: tuple[float, ...] = DAMP_CANDIDATES) -> float:
+    """The relative damping whose restoration, fitted on one fold, best reproduces the other (both ways).
+
+    In-sample, less damping always fits better; held out, too little damping overfits channels that
+    the calibration set barely excites and too much shrinks the weights towards zero.
+
+    Example:
+        >>> x = torch.randn(6, 40, dtype=torch.float64); w = torch.randn(3, 6, dtype=torch.float64)
+        >>> folds = [Stats(x[:, :20] @ x[:, :20].T), Stats(x[:, 20:] @ x[:, 20:].T)]
+        >>> choose_damp(w, folds, torch.arange(4)) in DAMP_CANDIDATES
+        True
+    """
+    def held_out_error(damp: float) -> float:
+        total = 0.0
+        for fit, check in ((folds[0], folds[1]), (folds[1], folds[0])):
+            restored = restore(weight, fit.gram, keep_cols, damp, fit.cross)
+            if restored is None:
+                return float("inf")
+            full = torch.zeros(weight.shape, dtype=torch.float64, device=restored.device)
+            full[:, keep_cols.to(full.device)] = restored
+            total += reconstruction_error(weight, full, *check)
+        return total
+
+    return min(candidates, key=held_out_error)

@@ -119,3 +119,15 @@ def test_unknown_selection_or_target_is_a_usage_error():
         prune(tiny_model("opt"), calib(), 0.2, selection="magic", progress=False)
     with pytest.raises(UsageError, match="target"):
         prune(tiny_model("opt"), calib(), 0.2, target="magic", progress=False)
+
+
+@torch.no_grad()
+def test_auto_damping_is_recorded_per_matrix():
+    from faspx.restore import DAMP_CANDIDATES
+
+    model = tiny_model("opt")
+    report = prune(model, calib(16, 32), 0.3, damp="auto", progress=False)
+    damps = [r.damp for layer in report.layers for r in layer.values()]
+    assert damps and all(d in DAMP_CANDIDATES for d in damps)
+    with pytest.raises(Exception, match="damp"):
+        prune(tiny_model("opt"), calib(), 0.2, damp="lots", progress=False)
