@@ -27,6 +27,7 @@ METHODS: dict[str, tuple[dict, str]] = {
     "wanda": ({"restore_weights": False}, "--no-restore"),
     "mlp": ({"structure": "mlp"}, "--structure mlp"),
     "damp1e-3": ({"damp": 1e-3}, "--damp 0.001"),
+    "damp-auto": ({"damp": "auto"}, "--damp auto"),
     "obs": ({"selection": "obs"}, "--selection obs"),
     "dense-target": ({"target": "dense"}, "--restore-target dense"),
     "mlp+obs": ({"structure": "mlp", "selection": "obs"}, "--structure mlp --selection obs"),
