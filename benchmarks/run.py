@@ -105,6 +105,10 @@ def run_bench(dense: str | Path, pruned: str | Path, *, backends: tuple[str, ...
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     dev = resolve_device(device)
     dirs = variant_dirs(Path(dense), Path(pruned))
+    max_positions = getattr(_config(dirs["dense"]["hf"]), "max_position_embeddings", None)
+    if max_positions and prompt_len + new_tokens > max_positions:
+        raise UsageError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the model's "
+                         f"{max_positions} positions")
     report: dict = {"environment": environment(dev), "settings": {
         "dense": str(dense), "pruned": str(pruned), "backends": list(backends), "batches": list(batches),
         "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "seed": seed},

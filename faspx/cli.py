@@ -357,9 +357,12 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, dev
 @click.option("--eval", "with_eval", is_flag=True, help="Add dense and pruned perplexity to the report.")
 @click.option("--eval-dataset", default="wikitext2", show_default=True, help="wikitext2, c4 or a text file.")
 @click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--bench", "with_bench", is_flag=True,
+              help="Then benchmark dense vs pruned (torch and onnxruntime, batch 1) into OUT/bench.")
 @verbosity
 def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | None, with_eval: bool,
-          eval_dataset: str, eval_windows: int | None, force: bool, progress: bool, **options) -> None:
+          eval_dataset: str, eval_windows: int | None, with_bench: bool, force: bool, progress: bool,
+          **options) -> None:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log."""
     from faspx.outputs import atomic_dir, check_out, write_json
 
@@ -399,6 +402,19 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
         e = info["eval"]
         click.echo(f"  perplexity ({eval_dataset}, {e['windows']} windows): dense {e['dense']:.3f}, "
                    f"pruned {e['pruned']:.3f}")
+    if with_bench:
+        from benchmarks.report import write_report
+        from benchmarks.run import run_bench
+        from faspx.models import local_dir
+
+        backends = ("torch", "onnxruntime") if target != "hf" else ("torch",)
+        positions = getattr(model.config, "max_position_embeddings", 4096)
+        report = run_bench(local_dir(options["model_name"]), out, backends=backends, device=options["device"],
+                           batches=(1,), prompt_len=min(128, positions // 2), new_tokens=min(64, positions // 4),
+                           repeats=3, progress=progress)
+        with atomic_dir(out / "bench") as tmp:
+            write_report(report, tmp)
+        echo_bench(report, out / "bench")
 
 
 def evaluate_both(dense_name: str, pruned, dataset: str, windows: int | None, device: str, progress: bool) -> dict:

@@ -89,6 +89,16 @@ def load_model(model: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module
     return net, tokenizer, adapter
 
 
+def local_dir(model: str) -> Path:
+    """The local directory of ``model``: itself, or its snapshot in the HF cache for a hub id."""
+    source, extra = resolve(model)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, local_files_only=extra.get("local_files_only", False)))
+
+
 def revision(model: nn.Module) -> str | None:
     """The hub commit the weights came from, when transformers recorded one."""
     return getattr(model.config, "_commit_hash", None)

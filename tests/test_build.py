@@ -20,13 +20,17 @@ def model_dir(tmp_path, opt_tokenizer):
     return save_tiny("qwen2", tmp_path / "dense", opt_tokenizer)
 
 
-def test_build_all_produces_the_layout(model_dir, text_file, tmp_path):
+def test_build_all_produces_the_layout(model_dir, text_file, tmp_path, monkeypatch):
+    import benchmarks.run
+
+    monkeypatch.setattr(benchmarks.run, "ONNX_CACHE", tmp_path / "onnx-cache")
     out = tmp_path / "build"
     code, output = run("build", "--model", model_dir, "--sparsity", "0.3", "--calib", text_file, "--nsamples", "4",
                        "--seqlen", "64", "--target", "all", "--out", out, "--eval", "--eval-dataset", text_file,
-                       "--eval-windows", "2", "-q")
+                       "--eval-windows", "2", "--bench", "-q")
     assert code == 0, output
-    assert {p.name for p in out.iterdir()} == {"hf", "onnx", "fasp.json", "build.log"}
+    assert {p.name for p in out.iterdir()} == {"hf", "onnx", "fasp.json", "build.log", "bench"}
+    assert (out / "bench" / "report.md").exists() and (out / "bench" / "report.png").stat().st_size > 0
     info = json.loads((out / "fasp.json").read_text())
     keep = info["layers"][0]["ffn"]["keep"]
     assert 0 < len(keep) < 160 and keep == sorted(keep)
