@@ -32,8 +32,11 @@ METHODS: dict[str, tuple[dict, str]] = {
     "dense-target": ({"target": "dense"}, "--restore-target dense"),
     "mlp+obs": ({"structure": "mlp", "selection": "obs"}, "--structure mlp --selection obs"),
     "mlp+dense-target": ({"structure": "mlp", "target": "dense"}, "--structure mlp --restore-target dense"),
-    "best": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": 1e-3},
-             "--structure mlp --selection obs --restore-target dense --damp 0.001"),
+    "mlp+damp-auto": ({"structure": "mlp", "damp": "auto"}, "--structure mlp --damp auto"),
+    "mlp+obs+damp-auto": ({"structure": "mlp", "selection": "obs", "damp": "auto"},
+                          "--structure mlp --selection obs --damp auto"),
+    "all": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": "auto"},
+            "--structure mlp --selection obs --restore-target dense --damp auto"),
 }
 
 

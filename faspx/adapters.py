@@ -44,6 +44,13 @@ class Adapter:
     v_proj: str
     o_proj: str
     ffn_width_key: str
+    # Stock config fields that give a pair's consumer a bias, and every module each field governs:
+    # bias-aware restoration may switch one on (the rest of its modules then get zero biases).
+    bias_fields: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def bias_field(self, config, pair: str) -> tuple[str, tuple[str, ...]] | None:
+        """(field, modules) that would give ``pair``'s consumer a bias in this config, if it has one."""
+        return next(((f, mods) for p, f, mods in self.bias_fields if p == pair and hasattr(config, f)), None)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of ``model``, in order."""
@@ -84,6 +91,11 @@ LLAMA = Adapter(
     v_proj="self_attn.v_proj",
     o_proj="self_attn.o_proj",
     ffn_width_key="intermediate_size",
+    # LlamaConfig has these; Mistral's and Qwen2's configs do not (hasattr decides).
+    bias_fields=(
+        ("ffn", "mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+        ("attn", "attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+    ),
 )
 
 ADAPTERS = (OPT, LLAMA)

@@ -33,6 +33,26 @@ SELECTIONS = ("wanda", "obs")
 TARGETS = ("pruned", "dense")
 
 
+@dataclass(frozen=True)
+class Method:
+    """How pairs are chosen and restored; the defaults are the paper's FASP."""
+
+    restore: bool = True
+    damp: float | str = 0.01
+    selection: str = "wanda"
+    target: str = "pruned"
+    bias: bool = False
+
+    def check(self) -> None:
+        """UsageError for a value outside the known choices."""
+        if self.selection not in SELECTIONS:
+            raise UsageError(f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
+        if not (self.damp == "auto" or isinstance(self.damp, (int, float)) and self.damp >= 0):
+            raise UsageError(f"damp must be a number >= 0 or 'auto' (got {self.damp!r})")
+        if self.target not in TARGETS:
+            raise UsageError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
+
+
 @dataclass
 class PairResult:
     """What happened to one pair of one layer; errors are ||W'X - WX||^2 / ||WX||^2."""
@@ -55,6 +75,7 @@ class PruneReport:
     damp: float | str
     selection: str
     target: str
+    bias: bool
     n_remove: dict[str, int]
     removed_fraction: float
     device: str
@@ -103,6 +124,7 @@ def prune(
     damp: float | str = 0.01,
     selection: str = "wanda",
     target: str = "pruned",
+    bias: bool = False,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
@@ -112,9 +134,11 @@ def prune(
     ``calib_ids`` is a (samples x seqlen) LongTensor of calibration tokens. ``selection`` is
     ``wanda`` (the paper's structured Wanda score) or ``obs`` (restoration-aware). ``target`` is what
     the restoration reproduces: ``pruned`` (the paper: W X on the inputs of the model pruned so far)
-    or ``dense`` (W X on the dense model's inputs, so each layer corrects the drift before it). The FFN pair shrinks
-    physically (the config's FFN width is updated); the V/O pair is zeroed at full width so that the
-    result stays a stock transformers model.
+    or ``dense`` (W X on the dense model's inputs, so each layer corrects the drift before it).
+    ``bias=True`` solves a bias shift together with W* where the consumer has a bias or a stock config
+    field can give it one (OPT; LLaMA's mlp_bias / attention_bias). The FFN pair shrinks physically
+    (the config's FFN width is updated); the V/O pair is zeroed at full width so that the result
+    stays a stock transformers model.
 
     Example:
         >>> import torch; from transformers import AutoModelForCausalLM, OPTConfig
@@ -125,12 +149,8 @@ def prune(
         >>> model.config.ffn_dim < 64
         True
     """
-    if selection not in SELECTIONS:
-        raise UsageError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
-    if not (damp == "auto" or isinstance(damp, (int, float)) and damp >= 0):
-        raise UsageError(f"damp must be a number >= 0 or 'auto' (got {damp!r})")
-    if target not in TARGETS:
-        raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    method = Method(restore_weights, damp, selection, target, bias)
+    method.check()
     adapter = adapter_for(model.config)
     budget = plan(model, adapter, sparsity, structure)
     device = resolve_device(device)
@@ -138,7 +158,7 @@ def prune(
     pairs = adapter.pairs(model.config)
     report = PruneReport(
         sparsity=sparsity, structure=structure, restore=restore_weights, damp=damp, selection=selection,
-        target=target, n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
+        target=target, bias=bias, n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
         device=str(device), dtype=str(dtype).removeprefix("torch."),
         n_calib=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]),
     )
@@ -150,11 +170,13 @@ def prune(
     layers = adapter.layers(model)
     hidden, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, device, dtype)
     dense_hidden = [h.clone() for h in hidden] if target == "dense" else None
+    # Bias-aware restoration where the consumer has a bias or a stock field can give it one.
+    biased = {p.name for p in pairs if bias and (layers[0].get_submodule(p.consumer).bias is not None
+                                                 or adapter.bias_field(model.config, p.name))}
     bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
     for i in bar:
-        results = prune_layer(layers[i], hidden, layer_kwargs, pairs, budget, i, restore_weights=restore_weights,
-                              damp=damp, selection=selection, device=device, dtype=dtype,
-                              dense_hidden=dense_hidden)
+        results = prune_layer(layers[i], hidden, layer_kwargs, pairs, budget, i, method, biased, device=device,
+                              dtype=dtype, dense_hidden=dense_hidden)
         report.layers.append(results)
         bar.set_postfix({p: f"{r.err_restored if r.err_restored is not None else r.err_removed:.3g}"
                          for p, r in results.items()})
@@ -163,6 +185,8 @@ def prune(
             + (f" -> {r.err_restored:.4g}" if r.err_restored is not None else "")
             for p, r in results.items()))
     set_ffn_width(model, adapter)
+    for name in biased:
+        enable_bias(model, adapter, name)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -227,9 +251,8 @@ def storage_device(nbytes: int, device: torch.device) -> torch.device:
 
 
 def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict, pairs: list[Pair],
-                budget: Budget, index: int, *, restore_weights: bool, damp: float | str, selection: str,
-                device: torch.device, dtype: torch.dtype,
-                dense_hidden: list[torch.Tensor] | None = None) -> dict[str, PairResult]:
+                budget: Budget, index: int, method: Method, biased: set[str], *, device: torch.device,
+                dtype: torch.dtype, dense_hidden: list[torch.Tensor] | None = None) -> dict[str, PairResult]:
     """Prune the pairs of one layer in order, then replace ``hidden`` by the pruned layer's outputs.
 
     With ``dense_hidden`` (the dense model's inputs to this layer) each consumer is restored towards
@@ -242,14 +265,14 @@ def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict
         n_remove = budget.n_remove[pair.name]
         if n_remove == 0:
             continue
-        folds = consumer_stats(work, pair.consumer, hidden, layer_kwargs, dense, dense_hidden)
+        folds = consumer_stats(work, pair.consumer, hidden, layer_kwargs, dense, dense_hidden,
+                               ones=pair.name in biased)
         if not all(torch.isfinite(t).all() for t in folds[0] + folds[1] if t is not None):
             raise FaspxError(
                 f"layer {index} produced NaN/Inf activations at the input of {pair.consumer}; "
                 "try --dtype float32"
             )
-        results[pair.name] = prune_pair(layer, pair, folds, n_remove, index, restore_weights=restore_weights,
-                                        damp=damp, selection=selection)
+        results[pair.name] = prune_pair(layer, pair, folds, n_remove, index, method, with_bias=pair.name in biased)
         work = copy.deepcopy(layer).to(device=device, dtype=dtype)
     for stream, net in ((hidden, work), (dense_hidden, dense)):
         for j, x in enumerate(stream or []):
@@ -281,10 +304,15 @@ def consumer_input(layer: nn.Module, consumer: str, x: torch.Tensor, layer_kwarg
 
 
 def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], layer_kwargs: dict,
-                   dense: nn.Module | None = None, dense_hidden: list[torch.Tensor] | None = None) -> list[Stats]:
+                   dense: nn.Module | None = None, dense_hidden: list[torch.Tensor] | None = None,
+                   ones: bool = False) -> list[Stats]:
     """Accumulate the Stats of ``consumer`` (float64) in two folds (even and odd samples); their sum
-    is the whole calibration set, and each fold can check a damping fitted on the other."""
-    n = layer.get_submodule(consumer).in_features
+    is the whole calibration set, and each fold can check a damping fitted on the other.
+
+    ``ones`` appends a constant input (the last row/column of every moment), so that a restoration
+    can solve for a bias together with the weights.
+    """
+    n = layer.get_submodule(consumer).in_features + int(ones)
     device = layer.get_submodule(consumer).weight.device
 
     def zeros():
@@ -293,36 +321,53 @@ def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], 
     folds = [Stats(zeros(), *((zeros(), zeros()) if dense is not None else ())) for _ in range(2)]
     for j, x in enumerate(hidden):
         stats = folds[j % 2]
-        x_pruned = consumer_input(layer, consumer, x, layer_kwargs)
+        x_pruned = with_ones(consumer_input(layer, consumer, x, layer_kwargs), ones)
         stats.gram.add_(x_pruned.T @ x_pruned)
         if dense is not None:
-            x_dense = consumer_input(dense, consumer, dense_hidden[j], layer_kwargs)
+            x_dense = with_ones(consumer_input(dense, consumer, dense_hidden[j], layer_kwargs), ones)
             stats.cross.add_(x_pruned.T @ x_dense)
             stats.gram_target.add_(x_dense.T @ x_dense)
     return folds
 
 
-def prune_pair(layer: nn.Module, pair: Pair, folds: list[Stats], n_remove: int, index: int, *,
-               restore_weights: bool, damp: float | str, selection: str = "wanda") -> PairResult:
+def with_ones(x: torch.Tensor, ones: bool) -> torch.Tensor:
+    """``x`` (tokens x n) with a column of ones appended when ``ones``."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if ones else x
+
+
+def prune_pair(layer: nn.Module, pair: Pair, folds: list[Stats], n_remove: int, index: int,
+               method: Method = Method(), with_bias: bool = False) -> PairResult:
     """Choose the kept units of one pair, restore its consumer, and write the result into ``layer``.
 
     ``damp="auto"`` picks the damping per matrix: the candidate whose restoration, fitted on one
-    fold of the calibration samples, reproduces the other fold best.
+    fold of the calibration samples, reproduces the other fold best. With ``with_bias`` the moments
+    carry a constant input last, and the bias is restored with the weights as one more column.
     """
     gram, cross, gram_target = folds[0] + folds[1]
     consumer = layer.get_submodule(pair.consumer)
     weight = consumer.weight.data.to(device=gram.device, dtype=torch.float64)
+    n = weight.shape[1]
     n_units = int(pair.col_unit.max()) + 1
     col_unit = pair.col_unit.to(gram.device)
-    if damp == "auto" and restore_weights:
-        damp = choose_damp(weight, folds, kept_columns(select(score(weight, gram.diagonal(), col_unit, n_units),
-                                                              n_remove), col_unit))
-    if selection == "obs":
-        keep = select_obs(weight, gram, col_unit, n_remove,
-                          damp=max(damp if damp != "auto" else 0.0, MIN_RETRY_DAMP))
+    gram_in = gram[:n, :n]  # selection looks at the inputs only
+    if method.selection == "obs":
+        keep = select_obs(weight, gram_in, col_unit, n_remove,
+                          damp=max(method.damp if method.damp != "auto" else 0.0, MIN_RETRY_DAMP))
     else:
-        keep = select(score(weight, gram.diagonal(), col_unit, n_units), n_remove)
+        keep = select(score(weight, gram_in.diagonal(), col_unit, n_units), n_remove)
     keep_cols = kept_columns(keep, col_unit)
+    if with_bias:
+        # Scale the constant input to the inputs' RMS, so it neither dominates the relative damping
+        # nor gets swamped by it; the bias column is scaled inversely and back at the end.
+        unit = float((gram_in.diagonal().mean() / gram[n, n]).sqrt()) or 1.0
+        folds = [f.scale_last(unit) for f in folds]
+        gram, cross, gram_target = folds[0] + folds[1]
+        bias = consumer.bias.data if consumer.bias is not None else weight.new_zeros(weight.shape[0])
+        weight = torch.cat([weight, bias.to(weight).unsqueeze(1) / unit], dim=1)
+        keep_cols = torch.cat([keep_cols, keep_cols.new_tensor([n])])
+    damp = method.damp
+    if damp == "auto" and method.restore:
+        damp = choose_damp(weight, folds, keep_cols)
 
     def error(new_cols: torch.Tensor) -> float:
         full = torch.zeros_like(weight)
@@ -333,7 +378,7 @@ def prune_pair(layer: nn.Module, pair: Pair, folds: list[Stats], n_remove: int, 
     total = float(((weight @ target) * weight).sum()) or 1.0
     new_cols = weight[:, keep_cols]
     result = PairResult(keep=keep.tolist(), n_units=n_units, err_removed=error(new_cols))
-    if restore_weights:
+    if method.restore:
         for attempt in range(DAMP_RETRIES):
             result.damp = damp if attempt == 0 else max(damp, MIN_RETRY_DAMP) * 10**attempt
             restored = restore(weight, gram, keep_cols, result.damp, cross)
@@ -351,15 +396,20 @@ def prune_pair(layer: nn.Module, pair: Pair, folds: list[Stats], n_remove: int, 
         else:
             log.warning("layer %d %s: restoration raised the error (%.4g > %.4g); kept plain removal",
                         index, pair.name, result.err_restored, result.err_removed)
-    write_pair(layer, pair, keep, keep_cols, new_cols)
+    if with_bias:
+        write_pair(layer, pair, keep, keep_cols[:-1], new_cols[:, :-1], new_bias=new_cols[:, -1] * unit)
+    else:
+        write_pair(layer, pair, keep, keep_cols, new_cols)
     return result
 
 
 def write_pair(layer: nn.Module, pair: Pair, keep: torch.Tensor, keep_cols: torch.Tensor,
-               new_cols: torch.Tensor) -> None:
+               new_cols: torch.Tensor, new_bias: torch.Tensor | None = None) -> None:
     """Put the kept rows/columns back into ``layer``: cut out (physical pairs) or zeroed at full width."""
     consumer = layer.get_submodule(pair.consumer)
     master = consumer.weight
+    if new_bias is not None:
+        consumer.bias = nn.Parameter(new_bias.to(device=master.device, dtype=master.dtype), requires_grad=False)
     keep = keep.to(master.device)
     keep_cols = keep_cols.to(master.device)
     new_cols = new_cols.to(device=master.device, dtype=master.dtype)
@@ -383,6 +433,22 @@ def write_pair(layer: nn.Module, pair: Pair, keep: torch.Tensor, keep_cols: torc
         producer.weight.data[drop] = 0
         if producer.bias is not None:
             producer.bias.data[drop] = 0
+
+
+def enable_bias(model: nn.Module, adapter: Adapter, pair: str) -> None:
+    """After bias-aware restoration gave ``pair``'s consumers a bias: switch on the stock config field
+    that declares it, and give zero biases to the other modules that field governs, so the saved
+    checkpoint loads in stock transformers as it is in memory."""
+    field = adapter.bias_field(model.config, pair)
+    if field is None:
+        return  # the consumers had biases already
+    name, modules = field
+    setattr(model.config, name, True)
+    for layer in adapter.layers(model):
+        for path in modules:
+            module = layer.get_submodule(path)
+            if module.bias is None:
+                module.bias = nn.Parameter(module.weight.new_zeros(module.out_features), requires_grad=False)
 
 
 def set_ffn_width(model: nn.Module, adapter: Adapter) -> int:

@@ -29,6 +29,17 @@ class Stats:
     def __add__(self, other: Stats) -> Stats:
         return Stats(*(None if a is None else a + b for a, b in zip(self, other, strict=True)))
 
+    def scale_last(self, factor: float) -> Stats:
+        """The moments with the last input (a constant column) multiplied by ``factor``."""
+        def scaled(m: torch.Tensor | None) -> torch.Tensor | None:
+            if m is None:
+                return None
+            m = m.clone()
+            m[-1] *= factor
+            m[:, -1] *= factor
+            return m
+        return Stats(*(scaled(m) for m in self))
+
 
 def restore(
     weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, damp: float = 0.01,

@@ -131,3 +131,32 @@ def test_auto_damping_is_recorded_per_matrix():
     assert damps and all(d in DAMP_CANDIDATES for d in damps)
     with pytest.raises(Exception, match="damp"):
         prune(tiny_model("opt"), calib(), 0.2, damp="lots", progress=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_bias_aware_restoration_lowers_the_error_and_stays_stock(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ids = calib(16, 32)
+    errs = {}
+    for bias in (False, True):
+        model = tiny_model(kind)
+        report = prune(model, ids, 0.3, bias=bias, progress=False)
+        errs[bias] = [r.err_restored for layer in report.layers for r in layer.values()]
+        assert report.bias == bias
+    # more freedom, same data: every restored layer error goes down (the first layer sees the same inputs)
+    assert errs[True][0] < errs[False][0] and sum(errs[True]) < sum(errs[False])
+    if kind == "llama":  # no native biases: the stock fields switch on, every governed module gets one
+        assert model.config.mlp_bias and model.config.attention_bias
+        assert model.model.layers[0].mlp.gate_proj.bias is not None
+        model.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)  # sdpa vs eager
+
+
+def test_bias_is_skipped_where_no_stock_field_exists():
+    model = tiny_model("qwen2")  # Qwen2 has no o_proj / down_proj bias field
+    prune(model, calib(), 0.3, bias=True, progress=False)
+    assert model.model.layers[0].mlp.down_proj.bias is None
+    assert not hasattr(model.config, "mlp_bias")
