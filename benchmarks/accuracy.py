@@ -35,8 +35,10 @@ METHODS: dict[str, tuple[dict, str]] = {
     "mlp+damp-auto": ({"structure": "mlp", "damp": "auto"}, "--structure mlp --damp auto"),
     "mlp+obs+damp-auto": ({"structure": "mlp", "selection": "obs", "damp": "auto"},
                           "--structure mlp --selection obs --damp auto"),
-    "all": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": "auto"},
-            "--structure mlp --selection obs --restore-target dense --damp auto"),
+    "mlp+bias": ({"structure": "mlp", "bias": True}, "--structure mlp --bias"),
+    "mlp+damp-auto+bias": ({"structure": "mlp", "damp": "auto", "bias": True}, "--structure mlp --damp auto --bias"),
+    "all": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": "auto", "bias": True},
+            "--structure mlp --selection obs --restore-target dense --damp auto --bias"),
 }
 
 

@@ -301,7 +301,8 @@ def echo_exports(model, results: dict) -> None:
         o, v = results["onnx"], results["validation"]
         click.echo(f"  onnx/ ({o['dtype']}, {o['exporter']} exporter, opset {o['opset']}): {_files_line(o)}")
         click.echo(f"  ONNX vs PyTorch max |logits diff|: prefill {v['prefill_max_abs_diff']:.2e}, decode "
-                   f"{v['decode_max_abs_diff']:.2e} (bound {v['atol']:g}; batch {v['batch']}, left padding, "
+                   f"{v['decode_max_abs_diff']:.2e} (bound {v['bound']:.2g} = {v['atol']:g} x max |logit|; "
+                   f"batch {v['batch']}, left padding, "
                    f"past up to {v['max_past_length']})")
 
 

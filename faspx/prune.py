@@ -171,8 +171,8 @@ def prune(
     hidden, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, device, dtype)
     dense_hidden = [h.clone() for h in hidden] if target == "dense" else None
     # Bias-aware restoration where the consumer has a bias or a stock field can give it one.
-    biased = {p.name for p in pairs if bias and (layers[0].get_submodule(p.consumer).bias is not None
-                                                 or adapter.bias_field(model.config, p.name))}
+    biased = {p.name for p in pairs if bias and budget.n_remove[p.name] > 0
+              and (layers[0].get_submodule(p.consumer).bias is not None or adapter.bias_field(model.config, p.name))}
     bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
     for i in bar:
         results = prune_layer(layers[i], hidden, layer_kwargs, pairs, budget, i, method, biased, device=device,

@@ -88,6 +88,8 @@ def test_validation_bounds_prefill_and_decode(exported):
     _, model, out, _ = exported
     result = validate_onnx(out, model)
     assert result["atol"] == exporters.onnx.ATOL_FP32 and result["batch"] == 3 and result["max_past_length"] > 0
+    # the bound scales with the logits' magnitude, never below atol itself
+    assert result["logit_scale"] >= 1 and result["bound"] == result["atol"] * result["logit_scale"]
     for key in ("prefill_max_abs_diff", "decode_max_abs_diff", "present_max_abs_diff"):
         assert 0 <= result[key] < 1e-4, (key, result)
 
