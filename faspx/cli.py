@@ -191,7 +191,8 @@ def prune(out: Path, force: bool, progress: bool, **options) -> None:
 @verbosity
 def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None, device: str, dtype: str,
              json_out: Path | None, progress: bool) -> None:
-    """Perplexity on non-overlapping windows (the SparseGPT/Wanda protocol)."""
+    """Perplexity on non-overlapping windows (the SparseGPT/Wanda protocol); an ONNX export folder
+    (model.onnx) is evaluated in onnxruntime."""
     from faspx.data import eval_ids
     from faspx.eval import perplexity
     from faspx.models import load_model
@@ -199,7 +200,16 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
     from faspx.prune import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
-    model, tokenizer, _ = load_model(model_name, dtype=resolve_dtype(dtype, dev))
+    if (Path(model_name).expanduser() / "model.onnx").exists():  # an ONNX export runs in onnxruntime
+        from exporters.ort_runtime import OnnxDecoder
+
+        decoder = OnnxDecoder(Path(model_name).expanduser(), device=dev.type)
+        tokenizer = decoder.tokenizer
+
+        def model(x):
+            return torch.from_numpy(decoder.prefill(x.numpy())[0])
+    else:
+        model, tokenizer, _ = load_model(model_name, dtype=resolve_dtype(dtype, dev))
     ids = eval_ids(tokenizer, dataset)
     start = time.perf_counter()
     ppl = perplexity(model, ids, seqlen, max_windows=max_windows, device=dev, progress=progress)

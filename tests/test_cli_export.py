@@ -107,3 +107,26 @@ def test_bad_input_exits_2(exported, pruned_dir, tmp_path):
     code, output = run("generate", "--model", out / "onnx", "--prompt", "hi", "--max-new-tokens", "0")
     assert code == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_eval_runs_an_onnx_export_like_pytorch(tmp_path, opt_tokenizer, text_file):
+    """faspx eval on OUT/onnx (onnxruntime) gives the perplexity PyTorch gives on OUT/hf."""
+    import re
+
+    from click.testing import CliRunner
+
+    from faspx.cli import main
+    from tests.conftest import save_tiny
+
+    dense = save_tiny("llama", tmp_path / "dense", opt_tokenizer)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "--model", str(dense), "--target", "all", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    ppl = {}
+    for kind in ("hf", "onnx"):
+        result = runner.invoke(main, ["eval", "--model", str(out / kind), "--dataset", str(text_file), "--seqlen", "64",
+                                      "--max-windows", "3", "-q"])
+        assert result.exit_code == 0, result.output
+        ppl[kind] = float(re.search(r"perplexity ([0-9.]+)", result.output).group(1))
+    assert abs(ppl["onnx"] - ppl["hf"]) < 1e-3 * ppl["hf"]
