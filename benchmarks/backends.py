@@ -1,11 +1,14 @@
 """The runtimes a deployer would use, each timing one greedy generation with its KV cache.
 
 A runner loads one model variant and returns a ``Sample`` per call; ``unavailable(backend, device)``
-says why a backend cannot run here (reported as skipped, never faked).
+says why a backend cannot run here (reported as skipped, never faked). Every runner exposes
+``device`` (where it really runs), ``dtype``, ``kv_bytes_per_value`` and ``weight_bytes`` (the
+weights it holds).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +19,8 @@ import torch
 from benchmarks.timing import Sample, time_generation
 
 BACKENDS = ("torch", "onnxruntime", "vllm")
+# Two vLLM engines (dense and pruned) share one GPU in this process: each gets this fraction.
+VLLM_GPU_FRACTION = 0.4
 
 
 def unavailable(backend: str, device: torch.device) -> str | None:
@@ -24,61 +29,88 @@ def unavailable(backend: str, device: torch.device) -> str | None:
         return None
     if backend == "onnxruntime":
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError:
-            return "onnxruntime is not installed"
-        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            return "onnxruntime has no CUDA provider (install the gpu extra: onnxruntime-gpu)"
+            return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
         return None
     if backend == "vllm":
         if device.type != "cuda":
             return "vLLM needs a CUDA GPU and this run has none"
         try:
             import vllm  # noqa: F401
-        except ImportError:
-            return "vllm is not installed"
+        except Exception as err:  # noqa: BLE001 - ImportError, or a vllm build that does not match torch
+            return f"vllm does not import here ({type(err).__name__}: {err})"
         return None
     return f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})"
 
 
+def ort_device(device: torch.device) -> tuple[str, str | None]:
+    """Where onnxruntime runs for a run on ``device``: CUDA when asked and onnxruntime-gpu has the CUDA
+    provider, else the CPU, with a note saying why."""
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return "cpu", None
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return f"cuda:{device.index or 0}", None
+    return "cpu", ("onnxruntime ran on the CPU: it has no CUDAExecutionProvider here (install onnxruntime-gpu "
+                   "in place of onnxruntime for the GPU)")
+
+
 class TorchRunner:
-    """PyTorch eager with the transformers KV cache (fp32 on the CPU, bf16 on CUDA)."""
+    """PyTorch eager with the transformers KV cache (fp32 on the CPU, bf16 on CUDA), greedy decoding.
+
+    Only the last position's logits are computed (``logits_to_keep=1``, as ``generate`` does), and on
+    CUDA every call synchronises before its time is taken.
+    """
 
     def __init__(self, model_dir: Path, device: torch.device):
         from transformers import AutoModelForCausalLM
 
-        self.device = device
+        self.device = str(device)
+        self._device = device
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = str(dtype).removeprefix("torch.")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        self.kv_bytes_per_value = torch.finfo(dtype).bits // 8
+        self.kv_bytes_per_value = dtype.itemsize
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters \
+            else {}
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
 
-    def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter) -> Sample:
-        prompt = torch.from_numpy(ids).to(self.device)
+    def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
+               at_end: Callable[[object], None] | None = None) -> Sample:
+        prompt = torch.from_numpy(ids).to(self._device)
 
         def run(tokens, past):
-            out = self.model(input_ids=tokens, past_key_values=past, use_cache=True)
+            out = self.model(input_ids=tokens, past_key_values=past, use_cache=True, **self._extra)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             self._sync()
             return nxt, out.past_key_values
 
         with torch.inference_mode():
-            return time_generation(lambda: run(prompt, None), lambda state: run(*state), new_tokens, clock)
+            return time_generation(lambda: run(prompt, None), lambda state: run(*state), new_tokens, clock, at_end)
 
 
 class OrtRunner:
-    """onnxruntime on the exported graph (CPU provider, or CUDA with onnxruntime-gpu)."""
+    """onnxruntime on the exported graph (``exporters.ort_runtime.OnnxDecoder``): the CPU provider, or
+    CUDA with onnxruntime-gpu. The KV cache stays in onnxruntime between steps; logits come to the host."""
 
-    def __init__(self, onnx_dir: Path, device: torch.device):
+    def __init__(self, onnx_dir: Path, device: str):
         from exporters.ort_runtime import OnnxDecoder
 
-        self.decoder = OnnxDecoder(onnx_dir, device="cuda" if device.type == "cuda" else "cpu")
+        self.device = device
+        self.decoder = OnnxDecoder(onnx_dir, device=device)
+        self.dtype = np.dtype(self.decoder.kv_dtype).name
         self.kv_bytes_per_value = np.dtype(self.decoder.kv_dtype).itemsize
+        self.weight_bytes = sum(p.stat().st_size for p in Path(onnx_dir).iterdir()
+                                if p.name.startswith("model.onnx"))  # graph + external data: the initializers
 
-    def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter) -> Sample:
+    def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
+               at_end: Callable[[object], None] | None = None) -> Sample:
         ones = np.ones((ids.shape[0], 1), dtype=np.int64)
 
         def prefill():
@@ -92,20 +124,30 @@ class OrtRunner:
             logits, past = self.decoder.decode_step(nxt[:, None], mask, past)
             return logits[:, -1].argmax(-1), past, mask
 
-        return time_generation(prefill, step, new_tokens, clock)
+        return time_generation(prefill, step, new_tokens, clock, at_end)
 
 
 class VllmRunner:
-    """vLLM offline engine. Its API returns whole generations, so the first token's time is a
-    max_tokens=1 generation and the per-token decode time is the rest, divided evenly."""
+    """vLLM offline engine (bf16, CUDA graphs). Its API returns whole generations, so the time to first
+    token is a ``max_tokens=1`` generation and each decode step is the rest of a full generation
+    divided evenly: its per-token latency is a mean, not a distribution (p90 = median)."""
 
-    def __init__(self, model_dir: Path, device: torch.device):
+    def __init__(self, model_dir: Path, device: torch.device, max_len: int):
         from vllm import LLM
 
-        self.llm = LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=False)
+        self.device = str(device)
+        self.dtype = "bfloat16"
+        self.llm = LLM(model=str(model_dir), dtype="bfloat16", gpu_memory_utilization=VLLM_GPU_FRACTION,
+                       max_model_len=max_len, enforce_eager=False)
         self.kv_bytes_per_value = 2
+        from transformers import AutoConfig
 
-    def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter) -> Sample:
+        from faspx.models import meta_model
+
+        self.weight_bytes = sum(p.numel() for p in meta_model(AutoConfig.from_pretrained(model_dir)).parameters()) * 2
+
+    def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
+               at_end: Callable[[object], None] | None = None) -> Sample:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -119,7 +161,20 @@ class VllmRunner:
 
         first = generate(1)
         rest = generate(new_tokens) - first
+        if rest <= 0:
+            raise RuntimeError(f"vLLM generated {new_tokens} tokens no slower than 1 token: too few --new-tokens "
+                               "to time its decode this way")
+        if at_end is not None:
+            at_end(None)
         return Sample(prefill_s=first, step_s=[rest / (new_tokens - 1)] * (new_tokens - 1))
 
 
-RUNNERS = {"torch": TorchRunner, "onnxruntime": OrtRunner, "vllm": VllmRunner}
+def load_runner(backend: str, source: Path, device: torch.device | str, max_len: int):
+    """The runner of ``backend`` for one variant (``source``: HF directory, or ONNX directory for onnxruntime)."""
+    if backend == "torch":
+        return TorchRunner(source, device)
+    if backend == "onnxruntime":
+        return OrtRunner(source, device)
+    if backend == "vllm":
+        return VllmRunner(source, device, max_len)
+    raise ValueError(f"unknown backend {backend!r}")

@@ -6,25 +6,45 @@ import resource
 import sys
 from pathlib import Path
 
-import psutil
 import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".onnx_data", ".data")
 
 
 def rss_bytes() -> int:
     """Resident memory of this process now."""
+    import psutil
+
     return psutil.Process().memory_info().rss
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``), so an
+    RSS delta measured next counts new memory, not pages an earlier model left free in the heap."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 def peak_rss_bytes() -> int:
-    """The process's resident-memory high-water mark so far (it never goes down)."""
+    """The process's resident-memory high-water mark so far (monotone: it never goes down)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def disk_bytes(path: Path) -> int:
-    """Bytes of every file under ``path`` (or of the file itself)."""
+def disk_bytes(path: Path, weights_only: bool = False) -> int:
+    """Bytes of every file under ``path`` (or of the file itself); with ``weights_only`` only the
+    weight files (safetensors, bin, onnx and its external data), not the tokenizer or configs."""
     path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files if not weights_only or p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -33,18 +53,78 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def decode_read_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes one decode step at batch 1 reads: everything but the input embedding table (one row
-    of it is read), the lm_head included. Zeroed-but-stored weights are read like any others."""
-    embed = model.get_input_embeddings().weight
+    """Weight bytes one decode step at batch 1 reads: every parameter but the embedding tables (of
+    which a step reads one row each), the lm_head included even when it is tied to the input
+    embedding. Zeroed-but-stored weights count: they are read like any others."""
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embed
-    skipped = 0 if tied else embed.numel() * embed.element_size()
-    return weight_bytes(model) - skipped
+    head_weight = head.weight if head is not None else None
+    tables = {id(m.weight): m.weight for m in model.modules()
+              if isinstance(m, torch.nn.Embedding) and m.weight is not head_weight}
+    return weight_bytes(model) - sum(w.numel() * w.element_size() for w in tables.values())
 
 
 def kv_cache_bytes(config, batch: int, length: int, bytes_per_value: int) -> int:
-    """Keys and values of every layer for ``batch`` sequences of ``length`` tokens."""
+    """Keys and values of every layer for ``batch`` sequences of ``length`` tokens:
+    layers * 2 * batch * kv_heads * length * head_dim * bytes."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers * 2 * batch * kv_heads * length * head_dim * bytes_per_value
+
+
+def cuda_used_bytes(device: torch.device) -> int:
+    """Memory in use on the whole GPU (every process and allocator, onnxruntime's and vLLM's too)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
+class RssPeaks:
+    """Peak resident memory per interval, where Linux allows resetting the high-water mark.
+
+    ``start()`` begins an interval (it resets the kernel's VmHWM through /proc/self/clear_refs);
+    ``stop()`` returns the peak RSS seen since, or None where the mark cannot be reset (then callers
+    fall back to RSS sampled at chosen points). Resetting the mark also lowers what getrusage reports,
+    so ``process_peak`` keeps the process's peak over the whole run itself.
+    """
+
+    STATUS = Path("/proc/self/status")
+    CLEAR = Path("/proc/self/clear_refs")
+
+    def __init__(self):
+        self.process_peak = peak_rss_bytes()
+        self.resettable = self._try_reset()
+
+    def _hwm(self) -> int | None:
+        try:
+            for line in self.STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def _try_reset(self) -> bool:
+        hwm = self._hwm()
+        if hwm is None:
+            return False
+        self.process_peak = max(self.process_peak, hwm)
+        try:
+            self.CLEAR.write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def start(self) -> None:
+        if self.resettable:
+            self.resettable = self._try_reset()
+
+    def stop(self) -> int | None:
+        hwm = self._hwm() if self.resettable else None
+        if hwm is not None:
+            self.process_peak = max(self.process_peak, hwm)
+        return hwm
+
+    def overall(self) -> int:
+        """The process's peak RSS from its start to now (across every reset)."""
+        hwm = self._hwm()
+        return max(self.process_peak, hwm or 0, 0 if self.resettable else peak_rss_bytes())

@@ -9,13 +9,26 @@ FIGURE_LABELS = {
     "prefill_tokens_per_s": ("prefill tokens/s", "{:.1f}"),
     "decode_tokens_per_s": ("decode tokens/s", "{:.2f}"),
     "time_to_first_token_s": ("time to first token (s)", "{:.4f}"),
-    "per_token_latency_s": ("per-token latency (s)", "{:.4f}"),
+    "per_token_latency_s": ("per-token decode latency (s)", "{:.4f}"),
     "end_to_end_tokens_per_s": ("end-to-end tokens/s", "{:.2f}"),
 }
+MEMORY_LABELS = {
+    "weight_bytes": "weights held",
+    "kv_cache_bytes": "KV cache at the measured length",
+    "rss_load_delta_bytes": "RSS added by loading",
+    "rss_load_run_peak_bytes": "RSS peak of load + first run",
+    "rss_run_peak_delta_bytes": "RSS peak of a run above its start",
+    "cuda_load_delta_bytes": "GPU memory added by loading",
+    "cuda_peak_allocated_bytes": "CUDA max_memory_allocated",
+    "cuda_peak_reserved_bytes": "CUDA max_memory_reserved",
+    "cuda_peak_working_bytes": "CUDA peak working memory",
+}
+COLORS = {"dense": "#8a8a8a", "pruned": "#2b7bba"}
 
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:
-    """Write the three files into ``out`` (which exists); return their paths."""
+    """Write report.json, report.md and report.png into ``out`` (which exists); return their paths."""
+    out = Path(out)
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "report.png"}
     paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
     paths["md"].write_text(markdown(report))
@@ -24,102 +37,152 @@ def write_report(report: dict, out: Path) -> dict[str, Path]:
 
 
 def _mb(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def _ratio(pruned: float, dense: float) -> str:
+    return f"{pruned / dense:.3f}" if dense else "n/a"
+
+
+def _cell(spread: dict, fmt: str) -> str:
+    return f"{fmt.format(spread['median'])} [{fmt.format(spread['min'])}, {fmt.format(spread['max'])}]"
+
+
+def _environment_lines(env: dict) -> list[str]:
+    v = env["versions"]
+    libs = ", ".join(f"{name} {version}" for name, version in v.items() if version)
+    where = f"GPU {env['gpu']}" if env.get("gpu") else "no GPU"
+    return [f"`{env['command']}`", "",
+            f"{env['cpu']} ({env['cpu_cores_logical']} logical cores, torch uses {env['torch_threads']} threads), "
+            f"{where}; run on {env['device']}; {env['time']}.", "", libs + ".", ""]
 
 
 def markdown(report: dict) -> str:
-    """Tables of medians (with min-max spread) and pruned/dense ratios, per backend and batch."""
-    s, env, roof = report["settings"], report["environment"], report["roofline"]
-    lines = [
-        "# faspx benchmark: dense vs pruned", "",
-        f"`{env['command']}`", "",
-        f"{env['device']} ({env['gpu'] or env['cpu']}, {env['cpu_threads']} threads), torch {env['torch']}, "
-        f"transformers {env['transformers']}, onnxruntime {env['onnxruntime']}, {env['time']}.", "",
-        f"Prompt {s['prompt_len']} tokens, {s['new_tokens']} new tokens (greedy, KV cache), {s['repeats']} "
-        f"repeats after {s['warmup']} warm-up, dense and pruned interleaved (A B A B ...). Medians, [min-max].",
-        "",
-    ]
+    """Tables of medians [min, max] and pruned/dense ratios of medians, per backend and batch; memory;
+    size on disk; the roofline beside the measured decode ratio; skipped backends; notes; perplexity."""
+    s, roof = report["settings"], report["roofline"]
+    lines = ["# faspx benchmark: dense vs pruned", "", *_environment_lines(report["environment"])]
+    lines += [f"Dense `{s['dense']}`, pruned `{s['pruned']}`. Random prompts of {s['prompt_len']} tokens, "
+              f"{s['new_tokens']} new tokens (greedy, KV cache). Each variant runs once untimed right after loading; "
+              f"then per batch size {s['warmup']} warm-up and {s['repeats']} timed runs per variant, dense and pruned "
+              "interleaved (A B A B ...), so both see the same machine drift. "
+              "Cells: median [min, max] over the repeats (per-token latency: over every decode step). Ratios are "
+              "pruned/dense of the medians: above 1 is a gain for tokens/s, below 1 is a gain for latencies and "
+              "memory.", ""]
     for entry in report["results"]:
         d, p = entry["variants"]["dense"], entry["variants"]["pruned"]
-        lines += [f"## {entry['backend']} on {entry['device']}, batch {entry['batch']}", "",
+        lines += [f"## {entry['backend']} on {entry['device']} ({entry['dtype']}), batch {entry['batch']}", "",
                   "| figure | dense | pruned | pruned/dense |", "|---|---|---|---|"]
         for key, (label, fmt) in FIGURE_LABELS.items():
-            def cell(v, key=key, fmt=fmt):
-                f = v["figures"][key]
-                return f"{fmt.format(f['median'])} [{fmt.format(f['min'])}-{fmt.format(f['max'])}]"
-            lines.append(f"| {label} | {cell(d)} | {cell(p)} | {entry['ratios'][key]:.3f} |")
-        lines.append(f"| per-token latency p90 (s) | {d['figures']['per_token_latency_s']['p90']:.4f} | "
-                     f"{p['figures']['per_token_latency_s']['p90']:.4f} | "
-                     f"{p['figures']['per_token_latency_s']['p90'] / d['figures']['per_token_latency_s']['p90']:.3f} |")
-        for key, label in (("kv_cache_bytes", "KV cache at full length"),
-                           ("rss_load_delta_bytes", "RSS added by loading"),
-                           ("cuda_peak_working_bytes", "CUDA peak working memory")):
+            lines.append(f"| {label} | {_cell(d['figures'][key], fmt)} | {_cell(p['figures'][key], fmt)} | "
+                         f"{entry['ratios'][key]:.3f} |")
+        dl, pl = d["figures"]["per_token_latency_s"], p["figures"]["per_token_latency_s"]
+        lines.append(f"| per-token decode latency p90 (s) | {dl['p90']:.4f} | {pl['p90']:.4f} | "
+                     f"{entry['ratios']['per_token_latency_p90_s']:.3f} |")
+        for key, label in MEMORY_LABELS.items():
             if key in d["memory"]:
                 lines.append(f"| {label} | {_mb(d['memory'][key])} | {_mb(p['memory'][key])} | "
-                             f"{p['memory'][key] / max(d['memory'][key], 1):.3f} |")
+                             f"{_ratio(p['memory'][key], d['memory'][key])} |")
         lines.append("")
-    lines += ["## Size and the roofline", "", "| | dense | pruned | pruned/dense |", "|---|---|---|---|"]
+    lines += ["## Size, weights and the roofline", "", "| | dense | pruned | pruned/dense |", "|---|---|---|---|"]
+    dv, pv = report["dense"], report["pruned"]
+    lines.append(f"| parameters stored | {dv['params']:,} | {pv['params']:,} | {_ratio(pv['params'], dv['params'])} |")
+    lines.append(f"| weight bytes ({dv['dtype']} / {pv['dtype']}) | {_mb(dv['weight_bytes'])} | "
+                 f"{_mb(pv['weight_bytes'])} | {_ratio(pv['weight_bytes'], dv['weight_bytes'])} |")
     for kind in ("hf", "onnx"):
-        if kind in report["dense"]["disk_bytes"] and kind in report["pruned"]["disk_bytes"]:
-            dn, pn = report["dense"]["disk_bytes"][kind], report["pruned"]["disk_bytes"][kind]
-            lines.append(f"| {kind} on disk | {_mb(dn)} | {_mb(pn)} | {pn / dn:.3f} |")
+        if kind in dv["disk_bytes"] and kind in pv["disk_bytes"]:
+            dn, pn = dv["disk_bytes"][kind], pv["disk_bytes"][kind]
+            lines.append(f"| {kind} weight files on disk | {_mb(dn)} | {_mb(pn)} | {_ratio(pn, dn)} |")
     lines.append(f"| weight bytes read per decode step | {_mb(roof['dense_read_bytes'])} | "
-                 f"{_mb(roof['pruned_read_bytes'])} | {roof['pruned_read_bytes'] / roof['dense_read_bytes']:.3f} |")
-    lines += ["", f"Roofline: batch-1 decode reads every weight once per token, so the ideal pruned/dense decode "
-              f"speedup is {roof['ideal_decode_speedup']:.3f}x."]
-    for entry in report["results"]:
-        if entry["batch"] == 1:
-            lines.append(f"Measured ({entry['backend']}, batch 1): {entry['ratios']['decode_tokens_per_s']:.3f}x.")
-    lines.append(f"\nPeak process RSS over the whole run: {_mb(report['peak_rss_bytes'])} (both variants were "
-                 "loaded together; per-variant RSS is the increase measured when each was loaded).")
+                 f"{_mb(roof['pruned_read_bytes'])} | {_ratio(roof['pruned_read_bytes'], roof['dense_read_bytes'])} |")
+    lines += ["", "Roofline: decode at batch 1 is bound by reading the weights (decoder layers + lm_head; the "
+              "embedding tables give one row per token; zeroed-but-stored weights are read like the others), so the "
+              f"ideal pruned/dense decode speedup is **{roof['ideal_decode_speedup']:.3f}x**.", "",
+              "| backend, batch 1 | measured decode speedup | ideal (roofline) |", "|---|---|---|"]
+    batch1 = [e for e in report["results"] if e["batch"] == 1]
+    for entry in batch1:
+        lines.append(f"| {entry['backend']} on {entry['device']} | {entry['ratios']['decode_tokens_per_s']:.3f}x | "
+                     f"{roof['ideal_decode_speedup']:.3f}x |")
+    if not batch1:
+        lines.append("| (no batch-1 run) | | |")
+    lines += ["", f"Process peak RSS over the whole run: {_mb(report['process_peak_rss_bytes'])}. It is monotone and "
+              "covers both variants (held together for interleaving), every backend and any ONNX export; compare "
+              "variants with the per-variant rows above.", "", "## Memory figures", ""]
+    lines += [f"- `{key}`: {text}" for key, text in report["memory_definitions"].items()]
     if report["skipped"]:
-        lines += ["", "## Skipped", ""] + [f"- {s['backend']}: {s['reason']}" for s in report["skipped"]]
+        lines += ["", "## Skipped", ""] + [f"- {s['backend']}{' batch ' + str(s['batch']) if 'batch' in s else ''}: "
+                                            f"{s['reason']}" for s in report["skipped"]]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     if report.get("perplexity"):
         lines += ["", "## Perplexity", "", "| dataset | windows | dense | pruned | pruned/dense |",
                   "|---|---|---|---|---|"]
         for row in report["perplexity"]:
-            lines.append(f"| {row['dataset']} | {row['max_windows'] or 'all'} x {row['seqlen']} | {row['dense']:.3f} | "
-                         f"{row['pruned']:.3f} | {row['pruned'] / row['dense']:.3f} |")
+            lines.append(f"| {row['dataset']} | {row['windows']} x {row['seqlen']} | {row['dense']:.3f} | "
+                         f"{row['pruned']:.3f} | {_ratio(row['pruned'], row['dense'])} |")
     return "\n".join(lines) + "\n"
 
 
+def _bars(ax, labels: list[str], values: dict[str, list[float]], title: str, ratios: list[str] | None = None,
+          errors: dict[str, list[tuple[float, float]]] | None = None) -> None:
+    width = 0.38
+    for k, name in enumerate(("dense", "pruned")):
+        xs = [i + (k - 0.5) * width for i in range(len(labels))]
+        yerr = None
+        if errors:
+            yerr = [[v - lo for v, (lo, _) in zip(values[name], errors[name], strict=True)],
+                    [hi - v for v, (_, hi) in zip(values[name], errors[name], strict=True)]]
+        bars = ax.bar(xs, values[name], width, label=name, color=COLORS[name], yerr=yerr, capsize=3)
+        if name == "pruned" and ratios:
+            for bar, text in zip(bars, ratios, strict=True):
+                ax.annotate(text, (bar.get_x() + width / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+
+
 def plot(report: dict, path: Path) -> None:
-    """Bars: decode and prefill tokens/s per backend and batch, and memory, dense vs pruned."""
+    """Bars, dense vs pruned per backend and batch: decode, prefill and end-to-end tokens/s (median,
+    min-max whiskers, pruned/dense ratio on top), and memory (weights, disk, KV cache, RSS)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    labels = [f"{e['backend']}\nbatch {e['batch']}" for e in report["results"]]
-    width = 0.38
-    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tokens/s"),
-                           (axes[1], "prefill_tokens_per_s", "prefill tokens/s")):
-        for k, (name, color) in enumerate((("dense", "#8a8a8a"), ("pruned", "#2b7bba"))):
-            values = [e["variants"][name]["figures"][key]["median"] for e in report["results"]]
-            xs = [i + (k - 0.5) * width for i in range(len(values))]
-            bars = ax.bar(xs, values, width, label=name, color=color)
-            if name == "pruned":
-                for bar, e in zip(bars, report["results"], strict=True):
-                    ax.annotate(f"{e['ratios'][key]:.2f}x", (bar.get_x() + width / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_title(f"{title} (median; ratio pruned/dense)")
-        ax.legend()
-    mem = [("hf on disk", report["dense"]["disk_bytes"].get("hf", 0), report["pruned"]["disk_bytes"].get("hf", 0)),
-           ("weights read\nper token", report["roofline"]["dense_read_bytes"], report["roofline"]["pruned_read_bytes"])]
-    if "onnx" in report["pruned"]["disk_bytes"]:
-        mem.insert(1, ("onnx on disk", report["dense"]["disk_bytes"].get("onnx", 0),
-                       report["pruned"]["disk_bytes"]["onnx"]))
-    for k, (name, color) in enumerate((("dense", "#8a8a8a"), ("pruned", "#2b7bba"))):
-        axes[2].bar([i + (k - 0.5) * width for i in range(len(mem))], [m[1 + k] / 2**20 for m in mem], width,
-                    label=name, color=color)
-    axes[2].set_xticks(range(len(mem)), [m[0] for m in mem])
-    axes[2].set_title("memory (MiB)")
-    axes[2].legend()
-    fig.suptitle(f"faspx: {report['settings']['pruned']} vs {report['settings']['dense']}", fontsize=10)
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    results = report["results"]
+    labels = [f"{e['backend']}\n{e['device']} b{e['batch']}" for e in results]
+    for ax, key, title in ((axes[0, 0], "decode_tokens_per_s", "decode tokens/s"),
+                           (axes[0, 1], "prefill_tokens_per_s", "prefill tokens/s"),
+                           (axes[1, 0], "end_to_end_tokens_per_s", "end-to-end tokens/s")):
+        if not results:
+            ax.text(0.5, 0.5, "no backend ran", ha="center", va="center")
+            ax.set_title(title)
+            continue
+        values = {n: [e["variants"][n]["figures"][key]["median"] for e in results] for n in COLORS}
+        errors = {n: [(e["variants"][n]["figures"][key]["min"], e["variants"][n]["figures"][key]["max"])
+                      for e in results] for n in COLORS}
+        _bars(ax, labels, values, f"{title} (median, min-max; pruned/dense)",
+              [f"{e['ratios'][key]:.2f}x" for e in results], errors)
+    mem = [("weights\n(checkpoint)", report["dense"]["weight_bytes"], report["pruned"]["weight_bytes"]),
+           ("read per\ndecode step", report["roofline"]["dense_read_bytes"], report["roofline"]["pruned_read_bytes"])]
+    for kind in ("hf", "onnx"):
+        if kind in report["dense"]["disk_bytes"] and kind in report["pruned"]["disk_bytes"]:
+            mem.append((f"{kind}\non disk", report["dense"]["disk_bytes"][kind], report["pruned"]["disk_bytes"][kind]))
+    for e in results:
+        d, p = e["variants"]["dense"]["memory"], e["variants"]["pruned"]["memory"]
+        if e is next(r for r in results if r["backend"] == e["backend"]):  # once per backend
+            mem.append((f"{e['backend']}\nRSS load+run", d["rss_load_run_peak_bytes"], p["rss_load_run_peak_bytes"]))
+        if "cuda_peak_working_bytes" in d:
+            mem.append((f"{e['backend']} b{e['batch']}\nCUDA working", d["cuda_peak_working_bytes"],
+                        p["cuda_peak_working_bytes"]))
+    mib = {"dense": [m[1] / 2**20 for m in mem], "pruned": [m[2] / 2**20 for m in mem]}
+    _bars(axes[1, 1], [m[0] for m in mem], mib, "memory (MiB; pruned/dense)", [_ratio(m[2], m[1]) + "x" for m in mem])
+    for ax in axes.flat:
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"faspx bench: {report['settings']['pruned']} vs {report['settings']['dense']} "
+                 f"(ideal batch-1 decode speedup {report['roofline']['ideal_decode_speedup']:.2f}x)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+

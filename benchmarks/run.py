@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
+import gc
 import logging
-import platform
-import sys
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,189 +14,301 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks import memory
-from benchmarks.backends import BACKENDS, RUNNERS, unavailable
-from benchmarks.timing import figures, interleave
+from benchmarks.backends import BACKENDS, load_runner, ort_device, unavailable
+from benchmarks.environment import environment
+from benchmarks.inputs import export_for_bench, onnx_settings, variant_dirs
+from benchmarks.timing import figures, interleave, ratios
 from faspx.errors import UsageError
 
 log = logging.getLogger("faspx")
 VARIANTS = ("dense", "pruned")
-ONNX_CACHE = Path.home() / ".cache" / "faspx" / "bench-onnx"
+ONNX_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faspx" / "bench-onnx"
+
+MEMORY_DEFINITIONS = {
+    "weight_bytes": "parameter bytes the backend holds (as loaded: fp32 on the CPU, bf16 for torch on CUDA; "
+                    "for onnxruntime the bytes of model.onnx and its external data)",
+    "kv_cache_bytes": "KV cache at the measured length, from the config: "
+                      "layers x 2 x batch x kv_heads x (prompt_len + new_tokens - 1) x head_dim x bytes",
+    "rss_load_delta_bytes": "process RSS added by loading this variant in this backend, before any run (weights "
+                            "that are memory-mapped become resident only when a run first reads them)",
+    "rss_load_run_peak_bytes": "peak process RSS while loading this variant and running one generation at the "
+                               "first batch size, above the RSS before the load: what this variant adds to the "
+                               "process (weights paged in, runtime buffers, one generation's working memory); "
+                               "measured right after loading, one variant after the other, before any timed run",
+    "rss_run_peak_delta_bytes": "peak RSS during a generation above the RSS just before it (max over warm-up and "
+                                "timed runs): the KV cache and activations. Pages freed by earlier runs are "
+                                "reused without new RSS, so this is a lower bound of the run's working memory",
+    "cuda_peak_allocated_bytes": "torch.cuda.max_memory_allocated during a run (both variants' weights resident)",
+    "cuda_peak_reserved_bytes": "torch.cuda.max_memory_reserved during a run (the caching allocator's pool)",
+    "cuda_peak_working_bytes": "max_memory_allocated minus what was allocated before the run: this variant's KV "
+                               "cache and activations",
+    "cuda_load_delta_bytes": "GPU memory in use (whole device) added by loading this variant; for vLLM its "
+                             "preallocated KV pool included",
+}
 
 
-def variant_dirs(dense: Path, pruned: Path) -> dict[str, dict[str, Path | None]]:
-    """Where each variant's HF checkpoint and ONNX export are. ``pruned`` may be a faspx build
-    output (hf/ and onnx/ inside) or a plain HF directory; so may ``dense``."""
-    dirs = {}
-    for name, path in (("dense", Path(dense).expanduser()), ("pruned", Path(pruned).expanduser())):
-        hf = path / "hf" if (path / "hf" / "config.json").exists() else path
-        if not (hf / "config.json").exists():
-            raise UsageError(f"{path} holds no HF model (no config.json, no hf/config.json)")
-        onnx = next((d for d in (path / "onnx", path) if (d / "model.onnx").exists()), None)
-        dirs[name] = {"hf": hf, "onnx": onnx}
-    return dirs
+def _dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def dense_onnx(hf_dir: Path, progress: bool) -> Path:
-    """An ONNX export of a model that has none, cached by path and modification time."""
-    from exporters.onnx import export_onnx
-    from faspx.models import load_model
-    from faspx.outputs import atomic_dir
-
-    key = hashlib.sha1(f"{hf_dir.resolve()}:{(hf_dir / 'config.json').stat().st_mtime}".encode()).hexdigest()[:12]
-    target = ONNX_CACHE / key
-    if not (target / "model.onnx").exists():
-        log.info("exporting %s to ONNX for the onnxruntime backend (cached in %s)", hf_dir, target)
-        model, tokenizer, _ = load_model(str(hf_dir), dtype=torch.float32)
-        with atomic_dir(target, force=True) as tmp:
-            export_onnx(model, tokenizer, tmp, None)
-    return target
-
-
-def roofline(dirs: dict) -> dict:
-    """Ideal batch-1 decode speedup: decode is bound by reading the weights, so it is the ratio of
-    the weight bytes each decode step reads (zeroed-but-stored weights count: they are read)."""
+def roofline(configs: dict) -> dict:
+    """Ideal batch-1 decode speedup: decode is bound by reading the weights, so it is the ratio of the
+    weight bytes each decode step reads (decoder weights + lm_head; embedding tables excepted, of which
+    a step reads one row). Zeroed-but-stored weights count: they are read."""
     from faspx.models import meta_model
 
     read = {}
-    for name, d in dirs.items():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(d["hf"])
-        dtype = getattr(config, "dtype", None) or torch.float32
-        model = meta_model(config).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        read[name] = memory.decode_read_bytes(model)
+    for name, config in configs.items():
+        read[name] = memory.decode_read_bytes(meta_model(config).to(_dtype(config)))
     return {"dense_read_bytes": read["dense"], "pruned_read_bytes": read["pruned"],
             "ideal_decode_speedup": read["dense"] / read["pruned"]}
 
 
-def environment(device: torch.device) -> dict:
-    import onnxruntime
-    import transformers
+def stored(config) -> dict:
+    """Parameter count and weight bytes of a checkpoint (from its config, nothing loaded)."""
+    from faspx.models import meta_model
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {
-        "command": " ".join(["faspx", *sys.argv[1:]]) if sys.argv and "faspx" in sys.argv[0] else " ".join(sys.argv),
-        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-        "cpu_threads": torch.get_num_threads(), "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    model = meta_model(config).to(_dtype(config))
+    return {"params": sum(p.numel() for p in model.parameters()), "weight_bytes": memory.weight_bytes(model),
+            "dtype": str(_dtype(config)).removeprefix("torch.")}
 
 
-def run_bench(dense: str | Path, pruned: str | Path, *, backends: tuple[str, ...] = ("torch", "onnxruntime"),
-              device: str = "auto", batches: tuple[int, ...] = (1, 8), prompt_len: int = 128,
-              new_tokens: int = 128, repeats: int = 5, warmup: int = 1, eval_sets: tuple[str, ...] = (),
-              max_windows: int | None = None, progress: bool = True, seed: int = 0,
-              clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Measure dense and pruned in one run and return the report (every raw sample included).
-
-    Example:
-        >>> report = run_bench("smollm2", "out/demo", backends=("torch",), batches=(1,))  # doctest: +SKIP
-    """
-    from faspx.prune import resolve_device
-
-    if new_tokens < 2 or prompt_len < 1 or repeats < 1 or min(batches) < 1:
-        raise UsageError("need --new-tokens >= 2, --prompt-len >= 1, --repeats >= 1 and batch sizes >= 1")
+def _check(backends, batches, prompt_len: int, new_tokens: int, repeats: int, warmup: int, configs: dict) -> None:
+    if new_tokens < 2 or prompt_len < 1 or repeats < 1 or warmup < 0 or not batches or min(batches) < 1:
+        raise UsageError("need --new-tokens >= 2, --prompt-len >= 1, --repeats >= 1, --warmup >= 0 and batch "
+                         "sizes >= 1")
     for backend in backends:
         if backend not in BACKENDS:
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    for name, config in configs.items():
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions and prompt_len + new_tokens > positions:
+            raise UsageError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the {name} model's "
+                             f"{positions} positions")
+    if configs["dense"].vocab_size != configs["pruned"].vocab_size:
+        raise UsageError(f"dense and pruned vocabularies differ ({configs['dense'].vocab_size} vs "
+                         f"{configs['pruned'].vocab_size}): not the same model")
+
+
+def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] = ("torch", "onnxruntime"),
+              device: str = "auto", batches: tuple[int, ...] = (1, 8), prompt_len: int = 128,
+              new_tokens: int = 128, repeats: int = 5, warmup: int = 1, progress: bool = True, *,
+              eval: bool = False, eval_datasets: tuple[str, ...] = ("wikitext2",),
+              max_windows: int | None = None, seed: int = 0, out: str | Path | None = None, force: bool = False,
+              clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Measure dense and pruned in one run (interleaved, A B A B ...) and return the report.
+
+    ``dense`` is an HF model directory; ``pruned`` a faspx build output (``hf/``, ``onnx/``) or an HF
+    directory. Prompts are ``batch`` x ``prompt_len`` random token ids (seed ``seed``), then
+    ``new_tokens`` greedy tokens with the KV cache. With ``eval`` both variants' perplexity on
+    ``eval_datasets`` (wikitext2, c4 or local files; first ``max_windows`` windows) is added. With
+    ``out`` the report files (report.json, report.md, report.png) are written there atomically.
+    Every raw sample is in the returned dict; ``clock`` is injectable for tests.
+
+    Example:
+        >>> report = run_bench("smollm2", "out/demo", backends=("torch",), batches=(1,))  # doctest: +SKIP
+        >>> report["results"][0]["ratios"]["decode_tokens_per_s"]  # doctest: +SKIP
+    """
+    from transformers import AutoConfig
+
+    from faspx.outputs import atomic_dir, check_out
+    from faspx.prune import resolve_device
+
+    if out is not None:
+        check_out(out, force)
+    backends, batches = tuple(backends), tuple(batches)
     dev = resolve_device(device)
     dirs = variant_dirs(Path(dense), Path(pruned))
-    max_positions = getattr(_config(dirs["dense"]["hf"]), "max_position_embeddings", None)
-    if max_positions and prompt_len + new_tokens > max_positions:
-        raise UsageError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the model's "
-                         f"{max_positions} positions")
-    report: dict = {"environment": environment(dev), "settings": {
-        "dense": str(dense), "pruned": str(pruned), "backends": list(backends), "batches": list(batches),
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "seed": seed},
-        "results": [], "skipped": [], "notes": [], "roofline": roofline(dirs)}
+    configs = {name: AutoConfig.from_pretrained(d["hf"]) for name, d in dirs.items()}
+    _check(backends, batches, prompt_len, new_tokens, repeats, warmup, configs)
+    report: dict = {
+        "environment": environment(dev),
+        "settings": {"dense": str(dense), "pruned": str(pruned), "backends": list(backends), "device": device,
+                     "batches": list(batches), "prompt_len": prompt_len, "new_tokens": new_tokens,
+                     "repeats": repeats, "warmup": warmup, "seed": seed, "eval": eval,
+                     "eval_datasets": list(eval_datasets) if eval else [], "max_windows": max_windows},
+        "roofline": roofline(configs), "results": [], "skipped": [], "notes": [],
+        "memory_definitions": MEMORY_DEFINITIONS,
+    }
     for name, d in dirs.items():
-        report[name] = {"hf_dir": str(d["hf"]), "disk_bytes": {"hf": memory.disk_bytes(d["hf"])}}
-
-    total = len(backends) * len(batches) * (warmup + repeats) * 2
-    bar = tqdm(total=total, desc="benchmark", unit="run", disable=not progress)
+        report[name] = {"hf_dir": str(d["hf"]), "onnx_dir": str(d["onnx"]) if d["onnx"] else None,
+                        **stored(configs[name]), "disk_bytes": {"hf": memory.disk_bytes(d["hf"], weights_only=True)},
+                        "dir_bytes": {"hf": memory.disk_bytes(d["hf"])}}
+    peaks = memory.RssPeaks()
+    per_backend = (len(batches) * (warmup + repeats) + 1) * len(VARIANTS)
+    bar = tqdm(total=len(backends) * per_backend, desc="benchmark", unit="run", disable=not progress)
     for backend in backends:
         reason = unavailable(backend, dev)
         if reason is None and backend == "onnxruntime" and dirs["pruned"]["onnx"] is None:
-            reason = f"{pruned} has no ONNX export (run faspx build --target all, or faspx export --target onnx)"
+            reason = (f"{pruned} has no ONNX export (no onnx/model.onnx): run faspx build --target all, or faspx "
+                      "export --target onnx")
+        runners = None
+        prompts = {batch: np.random.default_rng(seed).integers(0, configs["dense"].vocab_size,
+                                                                size=(batch, prompt_len), dtype=np.int64)
+                   for batch in batches}
+        if reason is None:
+            try:
+                runners, load = _load(backend, dirs, dev, prompts[batches[0]], new_tokens, report, peaks, clock, bar)
+            except Exception as err:
+                if backend == "torch":
+                    raise
+                log.warning("%s could not load the models: %s", backend, err)
+                reason = f"{backend} failed to load the models: {type(err).__name__}: {err}"
         if reason:
             report["skipped"].append({"backend": backend, "reason": reason})
-            bar.update(len(batches) * (warmup + repeats) * 2)
+            bar.update(per_backend)
             continue
-        runners, load = {}, {}
-        for name in VARIANTS:
-            source = dirs[name]["hf"]
-            if backend == "onnxruntime":
-                if dirs[name]["onnx"] is None:
-                    dirs[name]["onnx"] = dense_onnx(dirs[name]["hf"], progress)
-                    report["notes"].append(f"the {name} model had no ONNX export: faspx exported it to "
-                                           f"{dirs[name]['onnx']} for this run")
-                source = dirs[name]["onnx"]
-                report[name]["disk_bytes"]["onnx"] = memory.disk_bytes(source)
-            before = memory.rss_bytes()
-            runners[name] = RUNNERS[backend](source, dev)
-            load[name] = memory.rss_bytes() - before
-        vocab = _config(dirs["dense"]["hf"]).vocab_size
         for batch in batches:
-            ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, prompt_len), dtype=np.int64)
-            peaks = {name: 0 for name in VARIANTS}
-
-            def timed(name, ids=ids, peaks=peaks, runners=runners):
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    base = torch.cuda.memory_allocated(dev)
-                sample = runners[name].sample(ids, new_tokens, clock)
-                if dev.type == "cuda":
-                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(dev) - base)
-                bar.update(1)
-                return sample
-
-            samples, order = interleave({name: (lambda n=name: timed(n)) for name in VARIANTS}, repeats, warmup)
-            entry = {"backend": backend, "device": str(dev), "batch": batch, "order": order, "variants": {}}
-            for name in VARIANTS:
-                kv = memory.kv_cache_bytes(_config(dirs[name]["hf"]), batch, prompt_len + new_tokens,
-                                           runners[name].kv_bytes_per_value)
-                entry["variants"][name] = {
-                    "figures": figures(samples[name], batch, prompt_len, new_tokens),
-                    "memory": {"rss_load_delta_bytes": load[name], "kv_cache_bytes": kv,
-                               **({"cuda_peak_working_bytes": peaks[name]} if dev.type == "cuda" else {})},
-                    "samples": [s.to_dict() for s in samples[name]],
-                }
-            entry["ratios"] = {key: entry["variants"]["pruned"]["figures"][key]["median"]
-                               / entry["variants"]["dense"]["figures"][key]["median"]
-                               for key in entry["variants"]["dense"]["figures"]}
-            report["results"].append(entry)
+            try:
+                report["results"].append(_measure(backend, runners, load, prompts[batch], new_tokens, repeats,
+                                                  warmup, dev, configs, peaks, clock, bar))
+            except torch.OutOfMemoryError:
+                report["skipped"].append({"backend": backend, "batch": batch,
+                                          "reason": f"out of GPU memory at batch {batch} (both variants loaded)"})
+                torch.cuda.empty_cache()
         runners.clear()  # free both variants before the next backend loads
+        memory.release_free_memory()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     bar.close()
-    report["peak_rss_bytes"] = memory.peak_rss_bytes()
-    if eval_sets:
-        report["perplexity"] = perplexities(dirs, eval_sets, max_windows, dev, progress)
+    report["process_peak_rss_bytes"] = peaks.overall()
+    if eval:
+        report["perplexity"] = perplexities(dirs, tuple(eval_datasets), max_windows, dev, progress)
+    if out is not None:
+        from benchmarks.report import write_report
+
+        with atomic_dir(out, force) as tmp:
+            write_report(report, tmp)
+        report["out"] = str(out)
     return report
 
 
-def _config(hf_dir: Path):
-    from transformers import AutoConfig
+def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_tokens: int, report: dict,
+          peaks: memory.RssPeaks, clock: Callable[[], float], bar):
+    """Both variants' runners for ``backend`` and the memory each added: loaded one after the other,
+    each followed by one untimed generation of ``ids`` (weights paged in, buffers allocated)."""
+    where: torch.device | str = dev
+    if backend == "onnxruntime":
+        where, note = ort_device(dev)
+        if note:
+            report["notes"].append(note)
+        settings = onnx_settings(dirs["pruned"]["root"], dirs["pruned"]["onnx"])
+        for name in VARIANTS:
+            if dirs[name]["onnx"] is None:
+                dirs[name]["onnx"], done = export_for_bench(dirs[name]["hf"], ONNX_CACHE, settings)
+                v = done["validation"]
+                report["notes"].append(
+                    f"the {name} model had no ONNX export: faspx exported it ({done['exporter']} exporter, "
+                    f"{'float16' if settings['fp16'] else 'float32'}, opset {settings['opset']}, the pruned export's "
+                    f"settings) into {dirs[name]['onnx']}{' (cached from an earlier run)' if done['cached'] else ''}; "
+                    f"max |logits diff| vs PyTorch {max(v['prefill_max_abs_diff'], v['decode_max_abs_diff']):.2e}")
+                report[name]["onnx_dir"] = str(dirs[name]["onnx"])
+            report[name]["disk_bytes"]["onnx"] = memory.disk_bytes(dirs[name]["onnx"], weights_only=True)
+            report[name]["dir_bytes"]["onnx"] = memory.disk_bytes(dirs[name]["onnx"])
+    runners, load = {}, {}
+    for name in VARIANTS:
+        source = dirs[name]["onnx"] if backend == "onnxruntime" else dirs[name]["hf"]
+        memory.release_free_memory()
+        rss = memory.rss_bytes()
+        used = memory.cuda_used_bytes(dev) if dev.type == "cuda" else 0
+        peaks.start()
+        runners[name] = load_runner(backend, source, where, ids.shape[1] + new_tokens)
+        load[name] = {"rss_load_delta_bytes": memory.rss_bytes() - rss}
+        if dev.type == "cuda":
+            load[name]["cuda_load_delta_bytes"] = memory.cuda_used_bytes(dev) - used
+        at_end = []
+        runners[name].sample(ids, new_tokens, clock, lambda _state, at_end=at_end: at_end.append(memory.rss_bytes()))
+        peak = peaks.stop()
+        load[name]["rss_load_run_peak_bytes"] = (peak if peak is not None else max(at_end + [rss])) - rss
+        bar.update(1)
+    kinds = {runners[name].dtype for name in VARIANTS}
+    if len(kinds) > 1:
+        report["notes"].append(f"{backend}: dense and pruned run in different dtypes ({', '.join(sorted(kinds))}): "
+                               "the ratio mixes pruning with precision")
+    return runners, load
 
-    return AutoConfig.from_pretrained(hf_dir)
+
+def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_tokens: int, repeats: int, warmup: int,
+             dev: torch.device, configs: dict, peaks: memory.RssPeaks, clock: Callable[[], float], bar) -> dict:
+    """One (backend, batch) cell: interleaved runs of both variants, their figures, memory and ratios."""
+    batch, prompt_len = ids.shape
+    torch_cuda = dev.type == "cuda" and backend == "torch"
+    mem = {name: {"rss_run_peak_delta_bytes": 0} for name in VARIANTS}
+    if torch_cuda:
+        for name in VARIANTS:
+            mem[name].update(cuda_peak_allocated_bytes=0, cuda_peak_reserved_bytes=0, cuda_peak_working_bytes=0)
+
+    def timed(name: str):
+        m = mem[name]
+        before = memory.rss_bytes()
+        at_end_rss = []
+        if torch_cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+            allocated = torch.cuda.memory_allocated(dev)
+        peaks.start()
+        gc.disable()  # as timeit does: no collector pauses inside a timed generation
+        try:
+            sample = runners[name].sample(ids, new_tokens, clock, lambda _s: at_end_rss.append(memory.rss_bytes()))
+        finally:
+            gc.enable()
+        peak = peaks.stop()
+        peak = peak if peak is not None else max(at_end_rss + [before])
+        m["rss_run_peak_delta_bytes"] = max(m["rss_run_peak_delta_bytes"], peak - before)
+        if torch_cuda:
+            top = torch.cuda.max_memory_allocated(dev)
+            m["cuda_peak_allocated_bytes"] = max(m["cuda_peak_allocated_bytes"], top)
+            m["cuda_peak_reserved_bytes"] = max(m["cuda_peak_reserved_bytes"], torch.cuda.max_memory_reserved(dev))
+            m["cuda_peak_working_bytes"] = max(m["cuda_peak_working_bytes"], top - allocated)
+        bar.update(1)
+        return sample
+
+    samples, order = interleave({name: (lambda n=name: timed(n)) for name in VARIANTS}, repeats, warmup)
+    kv_len = prompt_len + new_tokens - 1  # the last token is produced, never fed back
+    entry = {"backend": backend, "device": runners["dense"].device, "dtype": runners["dense"].dtype, "batch": batch,
+             "prompt_len": prompt_len, "new_tokens": new_tokens, "kv_cache_len": kv_len, "order": order,
+             "variants": {}}
+    for name in VARIANTS:
+        r = runners[name]
+        m = {"weight_bytes": r.weight_bytes,
+             "kv_cache_bytes": memory.kv_cache_bytes(configs[name], batch, kv_len, r.kv_bytes_per_value),
+             **load[name], **mem[name]}
+        entry["variants"][name] = {"figures": figures(samples[name], batch, prompt_len, new_tokens), "memory": m,
+                                   "samples": [s.to_dict() for s in samples[name]]}
+    entry["ratios"] = ratios(entry["variants"]["dense"]["figures"], entry["variants"]["pruned"]["figures"])
+    entry["process_peak_rss_bytes_so_far"] = peaks.overall()
+    return entry
 
 
 def perplexities(dirs: dict, datasets: tuple[str, ...], max_windows: int | None, device: torch.device,
                  progress: bool) -> list[dict]:
-    """Dense and pruned perplexity on each dataset, same windows, fp32."""
+    """Dense and pruned perplexity on each dataset: same tokens, same windows, fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from faspx.data import eval_ids
     from faspx.eval import perplexity
-    from faspx.models import load_model
 
-    rows = []
-    for dataset in datasets:
-        row = {"dataset": dataset, "max_windows": max_windows}
-        for name, d in dirs.items():
-            model, tokenizer, _ = load_model(str(d["hf"]), dtype=torch.float32)
-            ids = eval_ids(tokenizer, dataset)
-            seqlen = min(2048, getattr(model.config, "max_position_embeddings", 2048))
-            row[name] = perplexity(model, ids, seqlen, max_windows=max_windows, device=device, progress=progress)
+    tokenizer = None
+    for name in VARIANTS:  # pruning leaves the tokenizer alone: the dense one's, else the pruned one's
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(dirs[name]["hf"])
+            break
+        except Exception:  # noqa: BLE001 - no tokenizer files in that directory
+            continue
+    if tokenizer is None:
+        raise UsageError("perplexity needs a tokenizer and neither model directory has one")
+    ids = {dataset: eval_ids(tokenizer, dataset) for dataset in datasets}
+    rows = [{"dataset": dataset, "max_windows": max_windows, "tokens": int(ids[dataset].numel())}
+            for dataset in datasets]
+    for name in VARIANTS:
+        model = AutoModelForCausalLM.from_pretrained(dirs[name]["hf"], dtype=torch.float32).eval()
+        seqlen = min(2048, getattr(model.config, "max_position_embeddings", 2048))
+        for row in rows:
+            log.info("perplexity of the %s model on %s", name, row["dataset"])
+            row[name] = perplexity(model, ids[row["dataset"]], seqlen, max_windows=max_windows, device=device,
+                                   progress=progress)
             row["seqlen"] = seqlen
-        rows.append(row)
+            row["windows"] = min(row["tokens"] // seqlen, max_windows or 10**12)
+        del model
+        gc.collect()
     return rows

@@ -1,15 +1,16 @@
-"""Timing primitives: one greedy generation's timings, interleaved repeats, and robust summaries.
+"""Timing primitives: one greedy generation's timings, interleaved repeats, robust summaries, ratios.
 
-The clock is injected, so the interleaving order and the medians are checked by tests with a fake
-clock; nothing here asserts or assumes a speed.
+The clock is injected, so the interleaving order, the medians and the ratios are checked by tests
+with a fake clock; nothing here asserts or assumes a speed.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -28,10 +29,13 @@ class Sample:
 
 
 def time_generation(prefill: Callable[[], object], step: Callable[[object], object], new_tokens: int,
-                    clock: Callable[[], float] = time.perf_counter) -> Sample:
+                    clock: Callable[[], float] = time.perf_counter,
+                    at_end: Callable[[object], None] | None = None) -> Sample:
     """Time ``prefill()`` (it produces the first new token) and ``new_tokens - 1`` calls of ``step``.
 
     Both callables must return only once their work is done (synchronise the device inside them).
+    ``at_end(state)``, untimed, sees the last state while it (the full KV cache) is still alive:
+    that is where memory is measured.
     """
     start = clock()
     state = prefill()
@@ -40,6 +44,8 @@ def time_generation(prefill: Callable[[], object], step: Callable[[object], obje
         start = clock()
         state = step(state)
         sample.step_s.append(clock() - start)
+    if at_end is not None:
+        at_end(state)
     return sample
 
 
@@ -48,7 +54,8 @@ def interleave(runs: dict[str, Callable[[], Sample]], repeats: int, warmup: int 
     """Warm every variant up, then run them in turn (A B A B ...) ``repeats`` times.
 
     Interleaving keeps a dense/pruned ratio honest when the machine's speed drifts (thermal, other
-    load): both variants see the same drift. Returns the samples per variant and the order they ran.
+    load): both variants see the same drift. Warm-up samples are dropped. Returns the samples per
+    variant and the order the timed runs ran in.
     """
     for _ in range(warmup):
         for run in runs.values():
@@ -63,22 +70,41 @@ def interleave(runs: dict[str, Callable[[], Sample]], repeats: int, warmup: int 
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    """Median, 90th percentile, min and max (the median is what reports compare)."""
-    ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, max(0, round(0.9 * len(ordered)) - 1))]
-    return {"median": statistics.median(ordered), "p90": p90, "min": ordered[0], "max": ordered[-1]}
+    """Median (what reports compare), quartiles, 90th percentile, min and max, and the count.
+
+    Percentiles interpolate linearly between the sorted values (numpy's default).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    q1, median, q3, p90 = (float(x) for x in np.percentile(v, [25, 50, 75, 90]))
+    return {"median": median, "q1": q1, "q3": q3, "p90": p90, "min": float(v.min()), "max": float(v.max()),
+            "n": int(v.size)}
+
+
+FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "per_token_latency_s",
+           "end_to_end_tokens_per_s")
 
 
 def figures(samples: list[Sample], batch: int, prompt_len: int, new_tokens: int) -> dict[str, dict]:
     """Throughput and latency figures of one variant, each as a spread over its repeats.
 
-    Decode latency pools every step of every repeat (per-token latency: median and p90).
+    Token counts include the batch (tokens/s of the whole batch). Prefill tokens/s is prompt tokens
+    over the prefill time; time to first token is that prefill time (it yields the first token).
+    Decode tokens/s counts the ``new_tokens - 1`` steps after it; per-token decode latency pools
+    every step of every repeat (median and p90 of single steps). End-to-end is all new tokens over
+    the whole generation.
     """
     steps = [s for sample in samples for s in sample.step_s]
     return {
         "prefill_tokens_per_s": spread([batch * prompt_len / s.prefill_s for s in samples]),
-        "decode_tokens_per_s": spread([batch * len(s.step_s) / sum(s.step_s) for s in samples if s.step_s]),
+        "decode_tokens_per_s": spread([batch * len(s.step_s) / sum(s.step_s) for s in samples]),
         "time_to_first_token_s": spread([s.prefill_s for s in samples]),
         "per_token_latency_s": spread(steps),
         "end_to_end_tokens_per_s": spread([batch * new_tokens / s.total_s for s in samples]),
     }
+
+
+def ratios(dense: dict[str, dict], pruned: dict[str, dict]) -> dict[str, float]:
+    """pruned/dense of each figure's median (and of the per-token latency's p90)."""
+    out = {key: pruned[key]["median"] / dense[key]["median"] for key in dense}
+    out["per_token_latency_p90_s"] = pruned["per_token_latency_s"]["p90"] / dense["per_token_latency_s"]["p90"]
+    return out

@@ -462,37 +462,33 @@ def _csv(kind):
 
 
 @main.command()
-@click.option("--dense", required=True, help="The dense model directory.")
+@click.option("--dense", required=True, help="The dense model directory (HF).")
 @click.option("--pruned", required=True, help="A faspx build output (hf/, onnx/) or a pruned model directory.")
 @click.option("--backend", "backends", default="torch,onnxruntime", show_default=True, callback=_csv(str),
-              help="Comma-separated: torch, onnxruntime, vllm.")
+              help="Comma-separated: torch, onnxruntime, vllm (an unavailable one is reported as skipped).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=_csv(int), help="Batch sizes.")
 @click.option("--prompt-len", type=int, default=128, show_default=True, help="Prompt tokens.")
 @click.option("--new-tokens", type=int, default=128, show_default=True, help="Generated tokens (greedy).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per variant (interleaved).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per variant first.")
-@click.option("--eval", "eval_sets", default="", callback=_csv(str),
-              help="Also perplexity, dense vs pruned, on these datasets (wikitext2, c4 or files), comma-separated.")
+@click.option("--eval", "with_eval", is_flag=True, help="Add dense and pruned perplexity to the report.")
+@click.option("--eval-dataset", "eval_datasets", default="wikitext2", show_default=True, callback=_csv(str),
+              help="wikitext2, c4 or text/parquet files, comma-separated.")
 @click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
               help="Report directory: report.json, report.md, report.png.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @verbosity
 def bench(dense: str, pruned: str, backends: tuple[str, ...], device: str, batches: tuple[int, ...], prompt_len: int,
-          new_tokens: int, repeats: int, warmup: int, eval_sets: tuple[str, ...], eval_windows: int | None, out: Path,
-          force: bool, progress: bool) -> None:
+          new_tokens: int, repeats: int, warmup: int, with_eval: bool, eval_datasets: tuple[str, ...],
+          eval_windows: int | None, out: Path, force: bool, progress: bool) -> None:
     """Tokens/s, latency and memory of dense vs pruned, interleaved, as JSON, Markdown and a plot."""
-    from benchmarks.report import write_report
     from benchmarks.run import run_bench
-    from faspx.outputs import atomic_dir, check_out
 
-    check_out(out, force)
     report = run_bench(dense, pruned, backends=backends, device=device, batches=batches, prompt_len=prompt_len,
-                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, eval_sets=eval_sets,
-                       max_windows=eval_windows, progress=progress)
-    with atomic_dir(out, force) as tmp:
-        write_report(report, tmp)
+                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, eval=with_eval,
+                       eval_datasets=eval_datasets, max_windows=eval_windows, progress=progress, out=out, force=force)
     echo_bench(report, out)
 
 
@@ -505,6 +501,9 @@ def echo_bench(report: dict, out: Path) -> None:
                    f"end-to-end {r['end_to_end_tokens_per_s']:.3f}x")
     click.echo(f"  ideal batch-1 decode speedup (weights read per token): "
                f"{report['roofline']['ideal_decode_speedup']:.3f}x")
+    for row in report.get("perplexity") or []:
+        click.echo(f"  perplexity ({row['dataset']}, {row['windows']} windows): dense {row['dense']:.3f}, "
+                   f"pruned {row['pruned']:.3f}")
     for skipped in report["skipped"]:
         click.echo(f"  skipped {skipped['backend']}: {skipped['reason']}")
     click.echo(f"report: {out / 'report.md'}  plot: {out / 'report.png'}")

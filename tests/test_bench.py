@@ -1,15 +1,23 @@
-"""The benchmark stage: interleaving and medians with a fake clock, and a smoke run on tiny models."""
+"""The benchmark stage: interleaving, medians and ratios with a fake clock; skipped backends; a smoke
+run of torch and onnxruntime on tiny models through the CLI. No timing is asserted anywhere."""
 
+from __future__ import annotations
+
+import json
 import math
 
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
 
+import benchmarks.run
 from benchmarks.backends import unavailable
-from benchmarks.timing import Sample, figures, interleave, spread, time_generation
+from benchmarks.report import write_report
+from benchmarks.run import run_bench
+from benchmarks.timing import Sample, figures, interleave, ratios, spread, time_generation
 from faspx.cli import main
-from tests.conftest import save_tiny
+from tests.conftest import TINY_CONFIGS, save_tiny
 
 
 class FakeClock:
@@ -19,7 +27,7 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
-    def advance(self, seconds: float):
+    def advance(self, seconds: float) -> float:
         self.now += seconds
         return seconds
 
@@ -27,8 +35,11 @@ class FakeClock:
 def test_time_generation_times_prefill_and_each_step():
     clock = FakeClock()
     steps = iter([0.5, 0.25, 0.75])
-    sample = time_generation(lambda: clock.advance(2.0), lambda _state: clock.advance(next(steps)), 4, clock)
+    seen = []
+    sample = time_generation(lambda: clock.advance(2.0), lambda _state: clock.advance(next(steps)), 4, clock,
+                             at_end=seen.append)
     assert sample.prefill_s == 2.0 and sample.step_s == [0.5, 0.25, 0.75] and sample.total_s == 3.5
+    assert seen == [0.75]  # the last state, handed over once the timing is done
 
 
 def test_interleave_alternates_after_warmup_and_medians_are_robust():
@@ -46,80 +57,198 @@ def test_interleave_alternates_after_warmup_and_medians_are_robust():
     assert order == ["dense", "pruned"] * 3
     assert [s.prefill_s for s in samples["pruned"]] == [1.0, 100.0, 1.5]  # warm-up samples are dropped
     ttft = figures(samples["pruned"], batch=2, prompt_len=10, new_tokens=3)["time_to_first_token_s"]
-    assert ttft["median"] == 1.5 and ttft["max"] == 100.0  # one slow outlier does not move the median
+    assert ttft["median"] == 1.5 and ttft["max"] == 100.0 and ttft["min"] == 1.0  # an outlier leaves the median
     prefill = figures(samples["dense"], 2, 10, 3)["prefill_tokens_per_s"]
     assert prefill["median"] == pytest.approx(20 / 2.0)
 
 
-def test_figures_count_tokens_per_batch():
+def test_figures_count_tokens_per_batch_and_ratios_are_of_medians():
     sample = Sample(prefill_s=0.5, step_s=[0.1, 0.1, 0.2])
     f = figures([sample], batch=4, prompt_len=16, new_tokens=4)
     assert f["prefill_tokens_per_s"]["median"] == pytest.approx(4 * 16 / 0.5)
     assert f["decode_tokens_per_s"]["median"] == pytest.approx(4 * 3 / 0.4)
     assert f["end_to_end_tokens_per_s"]["median"] == pytest.approx(4 * 4 / 0.9)
-    assert f["per_token_latency_s"]["p90"] == pytest.approx(0.2)
-    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "p90": 3.0, "min": 1.0, "max": 3.0}
+    assert f["time_to_first_token_s"]["median"] == 0.5
+    assert f["per_token_latency_s"]["median"] == pytest.approx(0.1)
+    assert f["per_token_latency_s"]["p90"] == pytest.approx(0.18)  # linear interpolation of 0.1, 0.1, 0.2
+    assert spread([4.0, 1.0, 3.0, 2.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0, "p90": pytest.approx(4.6),
+                                                 "min": 1.0, "max": 5.0, "n": 5}
+    slow = figures([Sample(1.0, [0.2, 0.2, 0.4])], batch=4, prompt_len=16, new_tokens=4)
+    r = ratios(slow, f)
+    assert r["decode_tokens_per_s"] == pytest.approx(2.0) and r["time_to_first_token_s"] == pytest.approx(0.5)
+    assert r["per_token_latency_p90_s"] == pytest.approx(0.5)
 
 
-def test_vllm_without_gpu_is_skipped_with_a_reason():
+@pytest.fixture
+def tiny_dirs(tmp_path):
+    """A dense and a 'pruned' (narrower FFN) tiny LLaMA, saved as plain HF directories (no tokenizer)."""
+    dirs = {}
+    for name, ffn in (("dense", 160), ("pruned", 96)):
+        config = TINY_CONFIGS["llama"]()
+        config.intermediate_size = ffn
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    return dirs
+
+
+class FakeRunner:
+    """Stands in for a backend: each generation advances a fake clock by scripted amounts."""
+
+    def __init__(self, name: str, clock: FakeClock, log: list, prefill: list[float], step: float):
+        self.name, self.clock, self.log, self.prefill, self.step = name, clock, log, iter(prefill), step
+        self.device, self.dtype, self.kv_bytes_per_value, self.weight_bytes = "cpu", "float32", 4, 1000
+
+    def sample(self, ids, new_tokens, clock, at_end=None):
+        assert clock is self.clock  # run_bench hands its clock down to the backend
+        self.log.append((self.name, ids.shape[0]))
+        prefill = next(self.prefill)
+        return time_generation(lambda: self.clock.advance(prefill), lambda _s: self.clock.advance(self.step),
+                               new_tokens, clock, at_end)
+
+
+def test_run_bench_interleaves_and_reports_medians_with_a_fake_clock(tiny_dirs, monkeypatch):
+    clock, calls = FakeClock(), []
+    script = {  # the run after loading, then per batch: warm-up and 3 timed runs; pruned has one slow outlier
+        "dense": [70.0] + [50.0, 2.0, 4.0, 3.0] * 2,
+        "pruned": [70.0] + [50.0, 1.0, 90.0, 1.5] * 2,
+    }
+    steps = {"dense": 0.5, "pruned": 0.25}
+
+    def fake_load(backend, source, device, max_len):
+        name = source.name
+        return FakeRunner(name, clock, calls, script[name], steps[name])
+
+    monkeypatch.setattr(benchmarks.run, "load_runner", fake_load)
+    report = run_bench(tiny_dirs["dense"], tiny_dirs["pruned"], backends=("torch",), device="cpu", batches=(1, 2),
+                       prompt_len=4, new_tokens=3, repeats=3, warmup=1, progress=False, clock=clock)
+    one_batch = ["dense", "pruned"] * 4  # the warm-up pair, then A B A B A B
+    assert calls == [("dense", 1), ("pruned", 1)] + [(n, 1) for n in one_batch] + [(n, 2) for n in one_batch]
+    for entry, batch in zip(report["results"], (1, 2), strict=True):
+        assert entry["batch"] == batch and entry["order"] == ["dense", "pruned"] * 3
+        dense, pruned = entry["variants"]["dense"], entry["variants"]["pruned"]
+        assert [s["prefill_s"] for s in dense["samples"]] == [2.0, 4.0, 3.0]  # warm-up dropped
+        assert dense["figures"]["time_to_first_token_s"]["median"] == 3.0
+        assert pruned["figures"]["time_to_first_token_s"]["median"] == 1.5  # not moved by the 90 s outlier
+        assert pruned["figures"]["time_to_first_token_s"]["max"] == 90.0
+        assert entry["ratios"]["time_to_first_token_s"] == pytest.approx(0.5)
+        assert dense["figures"]["decode_tokens_per_s"]["median"] == pytest.approx(batch * 2 / 1.0)
+        assert entry["ratios"]["decode_tokens_per_s"] == pytest.approx(2.0)
+        assert entry["ratios"]["prefill_tokens_per_s"] == pytest.approx(2.0)
+        assert dense["memory"]["kv_cache_bytes"] == 2 * 2 * batch * 2 * (4 + 3 - 1) * 24 * 4  # layers*2*b*kv*len*hd*B
+    # the narrower FFN reads fewer bytes per decode step
+    assert report["roofline"]["ideal_decode_speedup"] > 1
+    assert report["pruned"]["params"] < report["dense"]["params"]
+
+
+def test_unavailable_backends_are_skipped_with_a_reason(tiny_dirs, tmp_path):
     reason = unavailable("vllm", torch.device("cpu"))
     assert reason and "GPU" in reason
+    # the pruned model here is a plain HF directory: no onnx/ export to run in onnxruntime
+    report = run_bench(tiny_dirs["dense"], tiny_dirs["pruned"], backends=("onnxruntime", "vllm"), device="cpu",
+                       batches=(1,), prompt_len=4, new_tokens=2, repeats=1, progress=False, out=tmp_path / "r")
+    assert report["results"] == []
+    skipped = {s["backend"]: s["reason"] for s in report["skipped"]}
+    assert skipped["vllm"] == reason
+    assert "no ONNX export" in skipped["onnxruntime"] or "onnxruntime is not installed" in skipped["onnxruntime"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Skipped" in md and "vllm: vLLM needs a CUDA GPU" in md
+    assert (tmp_path / "r" / "report.png").stat().st_size > 0
 
 
-def _walk(node):
+def _numbers(node):
     if isinstance(node, dict):
         for value in node.values():
-            yield from _walk(value)
+            yield from _numbers(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _walk(value)
-    else:
+            yield from _numbers(value)
+    elif isinstance(node, int | float) and not isinstance(node, bool):
         yield node
 
 
-def test_bench_smoke_on_tiny_models(tmp_path, opt_tokenizer, text_file, monkeypatch):
-    import json
+@pytest.fixture
+def build_dirs(tmp_path, opt_tokenizer):
+    """A dense tiny LLaMA, and a faspx-build-like output of it pruned 30 % (MLP): hf/, onnx/, fasp.json.
+    The ONNX graph uses the fast TorchScript exporter; fasp.json says so, and the dense graph the
+    benchmark exports for onnxruntime follows it."""
+    import faspx
+    from exporters.onnx import export_onnx
 
+    dense = save_tiny("llama", tmp_path / "dense", opt_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    calib = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    faspx.prune(model, calib, 0.3, structure="mlp", progress=False)
+    build = tmp_path / "build"
+    model.save_pretrained(build / "hf")
+    opt_tokenizer.save_pretrained(build / "hf")
+    export = export_onnx(model, opt_tokenizer, build / "onnx", None, exporter="torchscript")
+    (build / "fasp.json").write_text(json.dumps({"exports": {"onnx": {k: export[k] for k in
+                                                                      ("exporter", "opset", "dtype")}}}))
+    return dense, build
+
+
+def test_bench_smoke_on_tiny_models(tmp_path, build_dirs, text_file, monkeypatch):
     import matplotlib.image
 
-    import benchmarks.run
-
     monkeypatch.setattr(benchmarks.run, "ONNX_CACHE", tmp_path / "onnx-cache")
-    dense = save_tiny("llama", tmp_path / "dense", opt_tokenizer)
-    build = tmp_path / "build"
-    runner = CliRunner()
-    result = runner.invoke(main, ["build", "--model", str(dense), "--sparsity", "0.3", "--structure", "mlp",
-                                  "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64", "--out", str(build),
-                                  "-q"])
-    assert result.exit_code == 0, result.output
+    dense, build = build_dirs
     out = tmp_path / "report"
-    result = runner.invoke(main, ["bench", "--dense", str(dense), "--pruned", str(build), "--backend",
-                                  "torch,onnxruntime,vllm", "--batch", "1,2", "--prompt-len", "8", "--new-tokens", "4",
-                                  "--repeats", "2", "--eval", str(text_file), "--eval-windows", "1", "--out", str(out),
-                                  "-q"])
+    args = ["bench", "--dense", str(dense), "--pruned", str(build), "--backend", "torch,onnxruntime,vllm",
+            "--device", "cpu", "--batch", "1,2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2",
+            "--eval", "--eval-dataset", str(text_file), "--eval-windows", "1", "--out", str(out), "-q"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "report.md" in result.output and "decode tokens/s" in result.output
+    assert "report.md" in result.output and "decode tokens/s" in result.output and "skipped vllm" in result.output
     report = json.loads((out / "report.json").read_text())
     assert [(e["backend"], e["batch"]) for e in report["results"]] == [
         ("torch", 1), ("torch", 2), ("onnxruntime", 1), ("onnxruntime", 2)]
     for entry in report["results"]:
+        assert entry["order"] == ["dense", "pruned"] * 2
         for variant in entry["variants"].values():
             assert set(variant["figures"]) == {"prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s",
                                                "per_token_latency_s", "end_to_end_tokens_per_s"}
-            assert len(variant["samples"]) == 2 and variant["memory"]["kv_cache_bytes"] > 0
-            for value in _walk(variant["figures"]):
+            assert {"median", "p90", "min", "max", "q1", "q3"} <= set(variant["figures"]["per_token_latency_s"])
+            for value in _numbers(variant["figures"]):
                 assert math.isfinite(value) and value > 0
+            assert len(variant["samples"]) == 2 and all(len(s["step_s"]) == 3 for s in variant["samples"])
+            m = variant["memory"]
+            assert m["weight_bytes"] > 0 and m["kv_cache_bytes"] > 0 and m["rss_load_delta_bytes"] >= 0
+            assert m["rss_run_peak_delta_bytes"] >= 0  # pages freed by earlier runs may be reused: can be 0
+            assert m["rss_load_run_peak_bytes"] > 0  # the weights are paged in by then
+        assert entry["variants"]["pruned"]["memory"]["weight_bytes"] < entry["variants"]["dense"]["memory"][
+            "weight_bytes"]
         assert all(math.isfinite(r) and r > 0 for r in entry["ratios"].values())
     assert report["skipped"] == [{"backend": "vllm", "reason": unavailable("vllm", torch.device("cpu"))}]
-    assert any("exported it" in n for n in report["notes"])  # the dense model had no ONNX export
-    assert report["pruned"]["disk_bytes"]["onnx"] < report["dense"]["disk_bytes"]["onnx"]
+    assert any("exported it" in n and "torchscript" in n for n in report["notes"])  # dense had no ONNX export
+    for kind in ("hf", "onnx"):
+        assert 0 < report["pruned"]["disk_bytes"][kind] < report["dense"]["disk_bytes"][kind]
+    assert 0 < report["pruned"]["weight_bytes"] < report["dense"]["weight_bytes"]
     assert report["roofline"]["ideal_decode_speedup"] > 1
     assert report["perplexity"][0]["dense"] > 1 and report["perplexity"][0]["pruned"] > 1
-    assert report["peak_rss_bytes"] > 0 and report["environment"]["torch"] == torch.__version__
+    assert report["process_peak_rss_bytes"] > 0
+    env = report["environment"]
+    assert env["versions"]["torch"]
+    assert env["cpu"] and env["command"] and env["device"] == "cpu"
     md = (out / "report.md").read_text()
-    assert "Roofline" in md and "## Skipped" in md and "pruned/dense" in md
+    assert "Roofline" in md and "## Skipped" in md and "pruned/dense" in md and "## Perplexity" in md
     image = matplotlib.image.imread(out / "report.png")
     assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+
+
+def test_report_writes_without_any_result(tmp_path):
+    """A run where every backend was skipped still yields the three files (the plot says so)."""
+    report = {"settings": {"dense": "d", "pruned": "p", "prompt_len": 1, "new_tokens": 2, "repeats": 1, "warmup": 0},
+              "environment": {"command": "faspx bench", "cpu": "cpu", "cpu_cores_logical": 2, "torch_threads": 2,
+                              "gpu": None, "device": "cpu", "time": "now", "versions": {"torch": "2"}},
+              "roofline": {"dense_read_bytes": 2, "pruned_read_bytes": 1, "ideal_decode_speedup": 2.0},
+              "dense": {"params": 2, "weight_bytes": 8, "dtype": "float32", "disk_bytes": {"hf": 8}},
+              "pruned": {"params": 1, "weight_bytes": 4, "dtype": "float32", "disk_bytes": {"hf": 4}},
+              "results": [], "skipped": [{"backend": "torch", "reason": "r"}], "notes": [],
+              "memory_definitions": {}, "process_peak_rss_bytes": 1}
+    paths = write_report(report, tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    assert "(no batch-1 run)" in paths["md"].read_text()
 
 
 def test_bench_needs_a_model_directory(tmp_path):

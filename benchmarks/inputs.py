@@ -1,0 +1,88 @@
+"""Where each variant's checkpoints are, and an ONNX export for a variant that has none.
+
+``--pruned`` is a faspx build output (``hf/`` and optionally ``onnx/`` inside, ``fasp.json`` at the
+top) or a plain HF model directory; so may ``--dense`` be. A variant without an ONNX export (the
+dense model, usually) is exported for the onnxruntime backend into a cache directory, with the same
+settings (dtype, opset, exporter) as the other variant's export, so the two graphs differ only by
+the pruning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from faspx.errors import UsageError
+
+log = logging.getLogger("faspx")
+
+HF_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
+
+
+def variant_dirs(dense: Path, pruned: Path) -> dict[str, dict[str, Path | None]]:
+    """{'dense': {'root', 'hf', 'onnx'}, 'pruned': {...}}: the HF checkpoint directory of each variant
+    and its ONNX export directory (None when it has none)."""
+    dirs = {}
+    for name, path in (("dense", Path(dense).expanduser()), ("pruned", Path(pruned).expanduser())):
+        if not path.is_dir():
+            raise UsageError(f"--{name} {path} is not a directory")
+        hf = path / "hf" if (path / "hf" / "config.json").exists() else path
+        if not (hf / "config.json").exists():
+            raise UsageError(f"--{name} {path} holds no HF model (no config.json, no hf/config.json)")
+        if not any(next(hf.glob(pattern), None) for pattern in HF_WEIGHTS):
+            raise UsageError(f"--{name} {hf} has a config.json but no weights (*.safetensors or *.bin)")
+        onnx = next((d for d in (path / "onnx", path) if (d / "model.onnx").exists()), None)
+        dirs[name] = {"root": path, "hf": hf, "onnx": onnx}
+    return dirs
+
+
+def onnx_settings(root: Path, onnx_dir: Path) -> dict:
+    """How an existing export was made: {'fp16', 'opset', 'exporter'}, from the build's ``fasp.json``
+    (``exports.onnx``) where there is one, else from the export's ``config.json`` dtype and defaults."""
+    from exporters.onnx import DEFAULT_OPSET
+
+    settings = {"fp16": False, "opset": DEFAULT_OPSET, "exporter": "auto"}
+    config = onnx_dir / "config.json"
+    if config.exists():
+        settings["fp16"] = json.loads(config.read_text()).get("dtype") == "float16"
+    info = root / "fasp.json"
+    if info.exists():
+        export = (json.loads(info.read_text()).get("exports") or {}).get("onnx") or {}
+        if export.get("dtype"):
+            settings["fp16"] = export["dtype"] == "float16"
+        settings["opset"] = int(export.get("opset") or settings["opset"])
+        if export.get("exporter") in ("dynamo", "torchscript"):
+            settings["exporter"] = export["exporter"]
+    return settings
+
+
+def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, dict]:
+    """An ONNX export of ``hf_dir`` with ``settings``, validated against PyTorch, cached under ``cache``
+    by path, modification times and settings. Returns its directory and what was done."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporters.onnx import export_onnx, validate_onnx
+    from faspx.outputs import atomic_dir
+
+    stamp = [str(hf_dir.resolve())] + [f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
+                                       for p in sorted(hf_dir.iterdir()) if p.is_file()]
+    key = hashlib.sha1(json.dumps([stamp, settings], sort_keys=True).encode()).hexdigest()[:16]
+    target = Path(cache).expanduser() / key
+    if (target / "model.onnx").exists() and (target / "bench-export.json").exists():
+        return target, {**json.loads((target / "bench-export.json").read_text()), "cached": True}
+    log.info("exporting %s to ONNX for the onnxruntime backend (%s, cached in %s)", hf_dir, settings, target)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    except Exception:  # noqa: BLE001 - a model directory without tokenizer files still exports
+        tokenizer = None
+    with atomic_dir(target, force=True) as tmp:
+        export = export_onnx(model, tokenizer, tmp, None, **settings)
+        validation = validate_onnx(tmp, model)
+        done = {"source": str(hf_dir), "settings": settings, "exporter": export["exporter"],
+                "seconds": export["seconds"], "validation": validation}
+        (tmp / "bench-export.json").write_text(json.dumps(done, indent=2) + "\n")
+    return target, {**done, "cached": False}
