@@ -37,6 +37,8 @@ METHODS: dict[str, tuple[dict, str]] = {
                           "--structure mlp --selection obs --damp auto"),
     "mlp+bias": ({"structure": "mlp", "bias": True}, "--structure mlp --bias"),
     "mlp+damp-auto+bias": ({"structure": "mlp", "damp": "auto", "bias": True}, "--structure mlp --damp auto --bias"),
+    "auto": ({"structure": "auto"}, "--structure auto"),
+    "auto+damp-auto": ({"structure": "auto", "damp": "auto"}, "--structure auto --damp auto"),
     "all": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": "auto", "bias": True},
             "--structure mlp --selection obs --restore-target dense --damp auto --bias"),
 }
@@ -103,7 +105,8 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
             model = copy.deepcopy(master)
             report = prune(model, calib_ids, s, dtype=fwd, **kwargs)
             row = {"method": name, "sparsity": s, "ppl": ppl(model), "seconds": report.seconds,
-                   "removed_fraction": report.removed_fraction,
+                   "removed_fraction": report.removed_fraction, "n_remove": report.n_remove,
+                   "splits": report.splits,
                    "command": f"faspx prune --model {model_dir} --sparsity {s} --calib {calib} "
                               f"--nsamples {nsamples} --seqlen {seqlen} --dtype {dtype} {flags} --out OUT".strip()}
             results["rows"].append(row)

@@ -3,7 +3,8 @@
 Sparsity s counts the weights of every nn.Linear inside the decoder layers (embeddings and lm_head
 excluded, as in Wanda/SparseGPT). Q and K are never pruned, so the prunable pairs are cut at one
 ratio r = s * (all linear weights) / (weights of the pairs that take the budget), the same in every
-layer, rounded to whole units.
+layer, rounded to whole units. ``auto`` chooses among a few splits of the same budget between the
+attention and FFN pairs (``candidates``) by measured reconstruction error (faspx.prune).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 from faspx.adapters import Adapter, Pair
 from faspx.errors import UsageError
 
-STRUCTURES = ("fasp", "mlp")
+STRUCTURES = ("fasp", "mlp", "auto")
+# Candidate attention shares for --structure auto, as multiples of the paper's (equal-ratio) share.
+AUTO_SHARES = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ def plan(model: nn.Module, adapter: Adapter, sparsity: float, structure: str = "
     """Units to remove in each pair for ``sparsity``; a UsageError names the legal range.
 
     Works on a model on the ``meta`` device, so input is checked before any weight is loaded.
+    ``auto`` has fasp's legal range and returns fasp's plan: prune() replaces it by the measured best
+    of ``candidates``.
 
     Example:
         >>> import torch
@@ -95,6 +100,44 @@ def plan(model: nn.Module, adapter: Adapter, sparsity: float, structure: str = "
     return Budget(n_remove, units, unit_weights, total, len(adapter.layers(model)))
 
 
+def split(model: nn.Module, adapter: Adapter, sparsity: float, attn_share: float) -> Budget | None:
+    """The plan that takes ``attn_share`` of the removed weights from the attention pair and the rest
+    from the FFN pair, rounded to whole units; None when the FFN cannot take its part.
+
+    Example:
+        >>> import torch
+        >>> from transformers import AutoModelForCausalLM, OPTConfig
+        >>> from faspx.adapters import OPT
+        >>> cfg = OPTConfig(hidden_size=16, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2)
+        >>> with torch.device("meta"):
+        ...     m = AutoModelForCausalLM.from_config(cfg)
+        >>> split(m, OPT, 0.25, 0.0).n_remove
+        {'attn': 0, 'ffn': 24}
+    """
+    base = plan(model, adapter, sparsity, "fasp")
+    target = sparsity * base.layer_weights
+    attn = min(round(attn_share * target / base.unit_weights["attn"]), base.units["attn"] - 1)
+    ffn = round((target - attn * base.unit_weights["attn"]) / base.unit_weights["ffn"])
+    if not 0 <= ffn < base.units["ffn"]:
+        return None
+    return Budget({"attn": attn, "ffn": ffn}, base.units, base.unit_weights, base.layer_weights, base.n_layers)
+
+
+def candidates(model: nn.Module, adapter: Adapter, sparsity: float) -> list[Budget]:
+    """The splits ``--structure auto`` measures: the paper's equal ratio (fasp), all in the FFN (mlp),
+    and attention shares of 0.5x, 1.5x and 2x the paper's; feasible ones only, no duplicates."""
+    layer = adapter.layers(model)[0]
+    attn, ffn = (pair_weights(layer, p) for p in adapter.pairs(model.config))
+    equal_share = attn / (attn + ffn)
+    found = [plan(model, adapter, sparsity, "fasp")]
+    found += [split(model, adapter, sparsity, k * equal_share) for k in AUTO_SHARES if k != 1.0]
+    unique: dict[tuple, Budget] = {}
+    for budget in found:
+        if budget is not None:
+            unique.setdefault(tuple(sorted(budget.n_remove.items())), budget)
+    return sorted(unique.values(), key=lambda b: b.n_remove["attn"])
+
+
 def _budget_pairs(pairs: list[Pair], structure: str) -> list[Pair]:
     # "mlp" puts the whole budget in the FFN: the result is stock at full benefit.
-    return [p for p in pairs if structure == "fasp" or p.name == "ffn"]
+    return [p for p in pairs if structure != "mlp" or p.name == "ffn"]

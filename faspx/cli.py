@@ -73,8 +73,9 @@ def prune_options(fn):
         click.option("--model", "model_name", required=True, help="Hub id or local model directory."),
         click.option("--sparsity", type=float, required=True,
                      help="Fraction of the decoder's linear weights to remove."),
-        click.option("--structure", type=click.Choice(["fasp", "mlp"]), default="fasp", show_default=True,
-                     help="fasp: FFN + V/O pairs at one ratio (the paper); mlp: the whole budget in the FFN."),
+        click.option("--structure", type=click.Choice(["fasp", "mlp", "auto"]), default="fasp", show_default=True,
+                     help="fasp: FFN + V/O pairs at one ratio (the paper); mlp: the whole budget in the FFN; "
+                          "auto: the attention/FFN split with the least measured reconstruction error."),
         click.option("--calib", default="wikitext2", show_default=True,
                      help="Calibration text: wikitext2, c4, or a .txt/.jsonl/.parquet file."),
         click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows."),

@@ -67,3 +67,20 @@ def test_plan_runs_on_a_meta_model():
     model = meta_model(tiny_model("qwen2").config)
     assert next(model.parameters()).device == torch.device("meta")
     assert plan(model, adapter_for(model.config), 0.2).n_remove["ffn"] > 0
+
+
+def test_auto_candidates_hold_the_paper_and_mlp_plans_and_reach_the_budget(kind):
+    from faspx.budget import candidates
+
+    model = tiny_model(kind)
+    adapter = adapter_for(model.config)
+    options = candidates(model, adapter, 0.2)
+    keys = [b.n_remove for b in options]
+    assert plan(model, adapter, 0.2, "fasp").n_remove in keys
+    assert keys[0]["attn"] == 0 and abs(keys[0]["ffn"] - plan(model, adapter, 0.2, "mlp").n_remove["ffn"]) <= 1
+    assert len(keys) == len({tuple(k.values()) for k in keys}) >= 3
+    assert [k["attn"] for k in keys] == sorted(k["attn"] for k in keys)
+    for budget in options:
+        unit_max = max(budget.unit_weights.values())
+        assert abs(budget.removed_fraction - 0.2) * budget.layer_weights <= unit_max
+    assert plan(model, adapter, 0.2, "auto").n_remove == plan(model, adapter, 0.2, "fasp").n_remove

@@ -160,3 +160,44 @@ def test_bias_is_skipped_where_no_stock_field_exists():
     prune(model, calib(), 0.3, bias=True, progress=False)
     assert model.model.layers[0].mlp.down_proj.bias is None
     assert not hasattr(model.config, "mlp_bias")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dead", ["attn", "ffn"])
+def test_structure_auto_puts_the_budget_where_removal_is_free(dead):
+    """With units that carry nothing in one pair, removing them costs no error: auto must find that
+    split (all attention units it may take when V rows are dead; all in the FFN when FFN channels are)."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    for layer in adapter.layers(model):
+        if dead == "attn":
+            layer.self_attn.v_proj.weight[:24] = 0  # half of the 48 V units (rows) read nothing
+        else:
+            layer.mlp.up_proj.weight[:80] = 0  # act(gate) * 0: half of the 160 FFN channels are dead
+    report = prune(model, calib(16, 32), 0.2, structure="auto", progress=False)
+    chosen = [s for s in report.splits if s["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["n_remove"] == report.n_remove
+    assert chosen[0]["error"] == min(s["error"] for s in report.splits)
+    attn_options = sorted(s["n_remove"]["attn"] for s in report.splits)
+    if dead == "attn":
+        assert report.n_remove["attn"] == attn_options[-1] == 24
+    else:
+        assert report.n_remove["attn"] == 0 and chosen[0]["error"] == pytest.approx(0.0, abs=1e-12)
+    assert model.config.intermediate_size == 160 - report.n_remove["ffn"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_structure_auto_is_no_worse_than_the_paper_or_mlp_on_held_out_tokens(kind):
+    """On tiny OPT the paper's equal split wins, on tiny GQA LLaMA the FFN-only one: auto, which
+    judges candidates on calibration samples, must land on the better one for held-out tokens too."""
+    ids, held_out = calib(16, 32), calib(8, 32, seed=50)
+    ref = tiny_model(kind)(held_out).logits
+    errors, chosen = {}, None
+    for structure in ("fasp", "mlp", "auto"):
+        model = tiny_model(kind)
+        report = prune(model, ids, 0.3, structure=structure, progress=False)
+        errors[structure] = float(((model(held_out).logits - ref) ** 2).mean())
+        chosen = report.n_remove
+    assert errors["auto"] <= min(errors["fasp"], errors["mlp"]) * (1 + 1e-6)
+    assert (chosen["attn"] > 0) == (kind == "opt")  # the two families really differ here
