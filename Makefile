@@ -33,4 +33,3 @@ demo: model
 	$(VENV)/bin/faspx build --model $$model --sparsity 0.3 --structure mlp --calib $(C4) \
 	  --nsamples 32 --seqlen 512 --target all --out $(DEMO_DIR) --eval --eval-dataset $(WIKI) \
 	  --eval-windows 10 --bench --force
-	@echo "report: $(DEMO_DIR)/bench/report.md  plot: $(DEMO_DIR)/bench/report.png"
