@@ -24,6 +24,7 @@ import torch
 # name -> (prune() keyword arguments, the matching `faspx prune` flags)
 METHODS: dict[str, tuple[dict, str]] = {
     "paper": ({}, ""),
+    "paper-noguard": ({"guard": False}, "--no-guard"),
     "wanda": ({"restore_weights": False}, "--no-restore"),
     "mlp": ({"structure": "mlp"}, "--structure mlp"),
     "damp1e-3": ({"damp": 1e-3}, "--damp 0.001"),

@@ -92,6 +92,8 @@ def prune_options(fn):
                      help="Restore towards W X on the pruned model's inputs (paper) or the dense model's."),
         click.option("--bias", is_flag=True,
                      help="Bias-aware restoration: solve a bias shift with W* (OPT; LLaMA via its bias fields)."),
+        click.option("--no-guard", is_flag=True,
+                     help="Accept a restoration even where it raises the layer's error (the paper as written)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
                      help="Forward dtype while pruning: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
@@ -104,8 +106,8 @@ def prune_options(fn):
 
 
 def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsamples: int, seqlen: int,
-              no_restore: bool, damp: str, selection: str, restore_target: str, bias: bool, device: str,
-              dtype: str, seed: int, progress: bool):
+              no_restore: bool, damp: str, selection: str, restore_target: str, bias: bool, no_guard: bool,
+              device: str, dtype: str, seed: int, progress: bool):
     """Check the input, load the model, calibrate and prune. Returns (model, tokenizer, fasp_json)."""
     from faspx.budget import plan
     from faspx.data import calibration_ids
@@ -132,8 +134,8 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
     calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
     log.info("pruning %d layers on %s in %s", len(adapter.layers(model)), dev, fwd_dtype)
     report = prune(model, calib_ids, sparsity, structure=structure, restore_weights=not no_restore, damp=damp,
-                   selection=selection, target=restore_target, bias=bias, device=dev, dtype=fwd_dtype,
-                   progress=progress)
+                   selection=selection, target=restore_target, bias=bias, guard=not no_guard, device=dev,
+                   dtype=fwd_dtype, progress=progress)
     info = provenance(
         source_model=model_name, revision=revision(model), architecture=adapter.family,
         model_type=config.model_type, calibration={"source": calib, "nsamples": nsamples, "seqlen": seqlen,

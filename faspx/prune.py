@@ -44,6 +44,8 @@ class Method:
     selection: str = "wanda"
     target: str = "pruned"
     bias: bool = False
+    # Keep plain removal where the restoration raises the layer's error (faspx; the paper has no guard).
+    guard: bool = True
 
     def check(self) -> None:
         """UsageError for a value outside the known choices."""
@@ -78,6 +80,7 @@ class PruneReport:
     selection: str
     target: str
     bias: bool
+    guard: bool
     n_remove: dict[str, int]
     removed_fraction: float
     device: str
@@ -129,6 +132,7 @@ def prune(
     selection: str = "wanda",
     target: str = "pruned",
     bias: bool = False,
+    guard: bool = True,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
@@ -142,7 +146,8 @@ def prune(
     ``bias=True`` solves a bias shift together with W* where the consumer has a bias or a stock config
     field can give it one (OPT; LLaMA's mlp_bias / attention_bias). The FFN pair shrinks physically
     (the config's FFN width is updated); the V/O pair is zeroed at full width so that the result
-    stays a stock transformers model.
+    stays a stock transformers model. ``guard=False`` accepts a restoration even where it raises the
+    layer's error, as the paper does (by default plain removal is kept there).
 
     Example:
         >>> import torch; from transformers import AutoModelForCausalLM, OPTConfig
@@ -153,7 +158,7 @@ def prune(
         >>> model.config.ffn_dim < 64
         True
     """
-    method = Method(restore_weights, damp, selection, target, bias)
+    method = Method(restore_weights, damp, selection, target, bias, guard)
     method.check()
     adapter = adapter_for(model.config)
     budget = plan(model, adapter, sparsity, structure)
@@ -162,7 +167,7 @@ def prune(
     pairs = adapter.pairs(model.config)
     report = PruneReport(
         sparsity=sparsity, structure=structure, restore=restore_weights, damp=damp, selection=selection,
-        target=target, bias=bias, n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
+        target=target, bias=bias, guard=guard, n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
         device=str(device), dtype=str(dtype).removeprefix("torch."),
         n_calib=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]),
     )
@@ -452,8 +457,8 @@ def prune_pair(layer: nn.Module, pair: Pair, folds: list[Stats], n_remove: int, 
                 f"non-finite) even with damping {result.damp:g}; try --no-restore or --dtype float32"
             )
         result.err_restored = error(restored)
-        # A restoration that raises the layer's error is never accepted.
-        if result.err_restored <= result.err_removed:
+        # A restoration that raises the layer's error is not accepted (unless the guard is off).
+        if result.err_restored <= result.err_removed or not method.guard:
             new_cols, result.restored = restored, True
         else:
             log.warning("layer %d %s: restoration raised the error (%.4g > %.4g); kept plain removal",

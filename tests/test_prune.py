@@ -201,3 +201,24 @@ def test_structure_auto_is_no_worse_than_the_paper_or_mlp_on_held_out_tokens(kin
         chosen = report.n_remove
     assert errors["auto"] <= min(errors["fasp"], errors["mlp"]) * (1 + 1e-6)
     assert (chosen["attn"] > 0) == (kind == "opt")  # the two families really differ here
+
+
+@torch.no_grad()
+def test_a_restoration_that_raises_the_error_is_refused_unless_the_guard_is_off(monkeypatch):
+    import importlib
+
+    driver = importlib.import_module("faspx.prune")  # the module: faspx.prune is also the function
+    real_restore = driver.restore
+    monkeypatch.setattr(driver, "restore", lambda *a, **k: real_restore(*a, **k) * 3.0)  # a bad solve
+    kept = {}
+    for guard in (True, False):
+        model = tiny_model("opt")
+        report = prune(model, calib(16, 32), 0.3, guard=guard, progress=False)
+        results = [r for layer in report.layers for r in layer.values()]
+        assert all(r.err_restored > r.err_removed for r in results) and report.guard is guard
+        assert all(r.restored is not guard for r in results)
+        kept[guard] = model.model.decoder.layers[0].fc2.weight.clone()
+    plain = tiny_model("opt")
+    prune(plain, calib(16, 32), 0.3, restore_weights=False, progress=False)
+    assert torch.equal(kept[True], plain.model.decoder.layers[0].fc2.weight)  # the guard kept plain removal
+    assert not torch.equal(kept[False], kept[True])
