@@ -4,7 +4,7 @@ Sparsity s counts the weights of every nn.Linear inside the decoder layers (embe
 excluded, as in Wanda/SparseGPT). Q and K are never pruned, so the prunable pairs are cut at one
 ratio r = s * (all linear weights) / (weights of the pairs that take the budget), the same in every
 layer, rounded to whole units. ``auto`` chooses among a few splits of the same budget between the
-attention and FFN pairs (``candidates``) by measured reconstruction error (faspx.prune).
+attention and FFN pairs (``candidates``) by measured output error (faspx.prune.choose_split).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def prune_options(fn):
                      help="Fraction of the decoder's linear weights to remove."),
         click.option("--structure", type=click.Choice(["fasp", "mlp", "auto"]), default="fasp", show_default=True,
                      help="fasp: FFN + V/O pairs at one ratio (the paper); mlp: the whole budget in the FFN; "
-                          "auto: the attention/FFN split with the least measured reconstruction error."),
+                          "auto: the attention/FFN split that moves the last layer's output least (measured)."),
         click.option("--calib", default="wikitext2", show_default=True,
                      help="Calibration text: wikitext2, c4, or a .txt/.jsonl/.parquet file."),
         click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows."),

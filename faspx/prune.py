@@ -324,6 +324,7 @@ def choose_split(layers: nn.ModuleList, hidden: list[torch.Tensor], layer_kwargs
             for n in {b.n_remove[pair.name] for b in options} - {0}:
                 keeps[-1][pair.name, n] = choose_keep(weight, gram, pair, n, method)
         advance(work, dense, layer_kwargs, device)
+    dense_energy = sum(float(x.float().pow(2).sum()) for x in dense) or 1.0
     errors = []
     for budget in tqdm(options, desc="auto split: candidates", unit="split", disable=not progress):
         stream = [h.clone() for h in hidden[:AUTO_SAMPLES]]
@@ -338,7 +339,7 @@ def choose_split(layers: nn.ModuleList, hidden: list[torch.Tensor], layer_kwargs
                                work.get_submodule(pair.consumer).weight.data[:, keep_cols.to(device)])
             advance(work, stream, layer_kwargs, device)
         diff = sum(float((y.float() - x.float()).pow(2).sum()) for y, x in zip(stream, dense, strict=True))
-        errors.append(diff / (sum(float(x.float().pow(2).sum()) for x in dense) or 1.0))
+        errors.append(diff / dense_energy)
     best = min(range(len(options)), key=errors.__getitem__)
     splits = [{"n_remove": dict(b.n_remove), "error": errors[k], "chosen": k == best} for k, b in enumerate(options)]
     return options[best], splits
