@@ -114,6 +114,21 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
             save()
             print(json.dumps(row), flush=True)
     print(markdown(results))
+    print(by_sparsity(results))
+
+
+def by_sparsity(results: dict) -> str:
+    """One line per method, one column per sparsity: ppl (x dense); '-' where a row was not run."""
+    dense = next(r["ppl"] for r in results["rows"] if r["method"] == "dense")
+    rows = [r for r in results["rows"] if r["method"] != "dense"]
+    levels = sorted({r["sparsity"] for r in rows})
+    ppl = {(r["method"], r["sparsity"]): r["ppl"] for r in rows}
+    lines = ["| method | " + " | ".join(f"s = {s:g}" for s in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = [f"{ppl[method, s]:.2f} ({ppl[method, s] / dense:.2f}x)" if (method, s) in ppl else "-"
+                 for s in levels]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
