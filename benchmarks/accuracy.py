@@ -42,6 +42,10 @@ METHODS: dict[str, tuple[dict, str]] = {
     "auto+damp-auto": ({"structure": "auto", "damp": "auto"}, "--structure auto --damp auto"),
     "all": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": "auto", "bias": True},
             "--structure mlp --selection obs --restore-target dense --damp auto --bias"),
+    # "distill": then distil from the dense model on --distill-samples calibration windows (faspx.distill);
+    # the row is named after that number (mlp+damp-auto+distill64)
+    "paper+distill": ({"distill": True}, ""),
+    "mlp+damp-auto+distill": ({"structure": "mlp", "damp": "auto", "distill": True}, "--structure mlp --damp auto"),
 }
 
 
@@ -66,13 +70,16 @@ def dense_forward_seconds(model, calib_ids: torch.Tensor, dtype: torch.dtype) ->
 @click.option("--sparsities", default="0.1,0.2,0.3")
 @click.option("--methods", default=",".join(METHODS))
 @click.option("--dtype", default="bfloat16", help="Forward dtype while pruning and evaluating.")
+@click.option("--distill-samples", type=int, default=32, show_default=True,
+              help="Calibration windows the +distill methods distil on.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON results (appended per row).")
 def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windows, sparsities, methods, dtype,
-         out):
+         distill_samples, out):
     """Run the sweep and print a Markdown table; results land in --out as they come."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from faspx.data import calibration_ids, eval_ids
+    from faspx.distill import distill
     from faspx.eval import perplexity
     from faspx.prune import prune, resolve_dtype
 
@@ -100,12 +107,20 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
         save()
     for s in (float(x) for x in sparsities.split(",")):
         for name in methods.split(","):
-            if (name, s) in done:
-                continue
             kwargs, flags = METHODS[name]
+            row_name = name.replace("+distill", f"+distill{distill_samples}") if kwargs.get("distill") else name
+            if (row_name, s) in done:
+                continue
+            kwargs = dict(kwargs)
             model = copy.deepcopy(master)
-            report = prune(model, calib_ids, s, dtype=fwd, **kwargs)
-            row = {"method": name, "sparsity": s, "ppl": ppl(model), "seconds": report.seconds,
+            report = prune(model, calib_ids, s, dtype=fwd, **{k: v for k, v in kwargs.items() if k != "distill"})
+            seconds, distilled = report.seconds, None
+            if kwargs.get("distill"):
+                distilled = distill(model, master, calib_ids, distill_samples, dtype=fwd).to_dict()
+                seconds += distilled["seconds"]
+                flags = f"{flags} --distill {distill_samples}".strip()
+            row = {"method": row_name, "sparsity": s, "ppl": ppl(model), "seconds": seconds,
+                   "prune_seconds": report.seconds, "distill": distilled,
                    "removed_fraction": report.removed_fraction, "n_remove": report.n_remove,
                    "splits": report.splits,
                    "command": f"faspx prune --model {model_dir} --sparsity {s} --calib {calib} "

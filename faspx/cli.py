@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import sys
@@ -94,6 +95,11 @@ def prune_options(fn):
                      help="Bias-aware restoration: solve a bias shift with W* (OPT; LLaMA via its bias fields)."),
         click.option("--no-guard", is_flag=True,
                      help="Accept a restoration even where it raises the layer's error (the paper as written)."),
+        click.option("--distill", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="After pruning, distil from the dense model on the first N calibration windows "
+                          "(one AdamW step each; needs the whole model twice on the device)."),
+        click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+                     help="Peak learning rate of --distill (decays linearly to 0)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
                      help="Forward dtype while pruning: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
@@ -107,10 +113,11 @@ def prune_options(fn):
 
 def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsamples: int, seqlen: int,
               no_restore: bool, damp: str, selection: str, restore_target: str, bias: bool, no_guard: bool,
-              device: str, dtype: str, seed: int, progress: bool):
+              distill: int, distill_lr: float, device: str, dtype: str, seed: int, progress: bool):
     """Check the input, load the model, calibrate and prune. Returns (model, tokenizer, fasp_json)."""
     from faspx.budget import plan
     from faspx.data import calibration_ids
+    from faspx.distill import distill as run_distill
     from faspx.models import load_config, load_model, meta_model, revision
     from faspx.outputs import provenance
     from faspx.prune import prune, resolve_device, resolve_dtype
@@ -125,6 +132,8 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
             raise UsageError(f"--damp must be a number >= 0 or 'auto' (got {damp!r})") from None
         if damp < 0:
             raise UsageError(f"--damp must be >= 0 (got {damp})")
+    if distill > nsamples:
+        raise UsageError(f"--distill {distill} needs at least as many calibration windows (--nsamples {nsamples})")
     dev = resolve_device(device)
     fwd_dtype = resolve_dtype(dtype, dev)
     seqlen = min(seqlen, getattr(config, "max_position_embeddings", seqlen))
@@ -132,15 +141,22 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
     model, tokenizer, _ = load_model(model_name)
     log.info("calibration: %d x %d tokens of %s", nsamples, seqlen, calib)
     calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
+    dense = copy.deepcopy(model) if distill else None
     log.info("pruning %d layers on %s in %s", len(adapter.layers(model)), dev, fwd_dtype)
     report = prune(model, calib_ids, sparsity, structure=structure, restore_weights=not no_restore, damp=damp,
                    selection=selection, target=restore_target, bias=bias, guard=not no_guard, device=dev,
                    dtype=fwd_dtype, progress=progress)
+    distilled = None
+    if distill:
+        log.info("distilling from the dense model on %d calibration windows", distill)
+        distilled = run_distill(model, dense, calib_ids, distill, lr=distill_lr, device=dev, dtype=fwd_dtype,
+                                progress=progress).to_dict()
+        del dense
     info = provenance(
         source_model=model_name, revision=revision(model), architecture=adapter.family,
         model_type=config.model_type, calibration={"source": calib, "nsamples": nsamples, "seqlen": seqlen,
                                                    "seed": seed},
-        params=param_counts(model, adapter), **report.to_dict(),
+        params=param_counts(model, adapter), distill=distilled, **report.to_dict(),
     )
     return model, tokenizer, info
 
@@ -397,6 +413,8 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
             log.info("faspx build %s", " ".join(sys.argv[1:]))
             model, tokenizer, info = run_prune(progress=progress, **options)
             info["timings"] = {"prune_s": info["seconds"]}
+            if info["distill"]:
+                info["timings"]["distill_s"] = info["distill"]["seconds"]
             t = time.perf_counter()
             info["exports"] = export_targets(model, tokenizer, tmp, target, info, hf_dtype=save_dtype, fp16=fp16,
                                              atol=atol)

@@ -41,6 +41,21 @@ def test_prune_writes_a_stock_directory_with_provenance(model_dir, text_file, tm
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_prune_with_distill_records_it(model_dir, text_file, tmp_path):
+    out = tmp_path / "pruned"
+    code, output = run(*prune_args(model_dir, text_file, out, "--distill", "2", "--distill-lr", "1e-5"))
+    assert code == 0, output
+    info = json.loads((out / "fasp.json").read_text())["distill"]
+    assert info["samples"] == 2 and info["lr"] == 1e-5 and info["held_out"] == 2
+    assert info["kl_held_out_before"] > 0
+
+
+def test_distill_needs_that_many_windows(model_dir, text_file, tmp_path):
+    code, output = run(*prune_args(model_dir, text_file, tmp_path / "o", "--distill", "5"))
+    assert code == 2 and "--distill 5" in output and "--nsamples 4" in output
+    assert not (tmp_path / "o").exists()
+
+
 @torch.no_grad()
 def test_saved_model_reloads_with_the_same_logits(model_dir, text_file, opt_tokenizer, tmp_path):
     from faspx import prune

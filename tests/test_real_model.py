@@ -5,17 +5,21 @@
 the model (``make model``) or ../shared is not there. No accuracy figure is asserted, only orderings.
 """
 
+import copy
+
 import pytest
 import torch
 
 from faspx.data import calibration_ids, eval_ids
 from faspx.demo_model import DEFAULT_DIR
+from faspx.distill import distill
 from faspx.eval import perplexity
 from faspx.prune import prune
 from tests.conftest import SHARED
 
 pytestmark = pytest.mark.slow
 BEST = {"structure": "mlp", "damp": "auto"}  # the best stock method in benchmarks/accuracy.py
+DISTILL = 16  # calibration windows of --distill
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +36,25 @@ def smollm():
     return calib, test, {}
 
 
-def pruned_ppl(smollm, name: str, **options) -> float:
+def load():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(DEFAULT_DIR, dtype=torch.float32).eval()
+
+
+def pruned_ppl(smollm, name: str, distill_from: str | None = None, **options) -> float:
+    """Perplexity after pruning with ``options`` (or, with ``distill_from``, after distilling the model
+    that row pruned on DISTILL windows)."""
     calib, test, cache = smollm
     if name not in cache:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(DEFAULT_DIR, dtype=torch.float32).eval()
-        prune(model, calib, 0.2, progress=False, **options)
+        if distill_from is None:
+            model = load()
+            prune(model, calib, 0.2, progress=False, **options)
+        else:
+            pruned_ppl(smollm, distill_from, **options)
+            model = copy.deepcopy(cache[distill_from, "model"])
+            distill(model, load(), calib, DISTILL, progress=False)
+        cache[name, "model"] = model
         cache[name] = perplexity(model, test, 512, max_windows=40, progress=False)
         print(f"\nSmolLM2-135M s=0.2 {name}: ppl {cache[name]:.2f} (32x512 C4 calibration, 40x512 WikiText-2)")
     return cache[name]
@@ -50,3 +66,7 @@ def test_restoration_lowers_perplexity(smollm):
 
 def test_best_method_beats_the_paper(smollm):
     assert pruned_ppl(smollm, "best", **BEST) < pruned_ppl(smollm, "paper")
+
+
+def test_distillation_improves_the_best_method(smollm):
+    assert pruned_ppl(smollm, "best+distill", distill_from="best", **BEST) < pruned_ppl(smollm, "best", **BEST)
