@@ -111,7 +111,6 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
             row_name = name.replace("+distill", f"+distill{distill_samples}") if kwargs.get("distill") else name
             if (row_name, s) in done:
                 continue
-            kwargs = dict(kwargs)
             model = copy.deepcopy(master)
             report = prune(model, calib_ids, s, dtype=fwd, **{k: v for k, v in kwargs.items() if k != "distill"})
             seconds, distilled = report.seconds, None
