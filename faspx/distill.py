@@ -96,12 +96,13 @@ def distill(student: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, sam
     start = time.perf_counter()
     home = next(student.parameters()).device
     params = trainable(student)
-    before = [p.detach().to("cpu", copy=True) for p in params]
+    check = calib_ids[samples:samples + HELD_OUT]
+    report.held_out = int(check.shape[0])
+    # The weights to put back if the check fails (no check, no copy: it is a whole model on the host).
+    before = [p.detach().to("cpu", copy=True) for p in params] if report.held_out else []
     student.to(device)
     teacher = copy.deepcopy(teacher).to(device=device, dtype=dtype).eval()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    check = calib_ids[samples:samples + HELD_OUT]
-    report.held_out = int(check.shape[0])
 
     @torch.no_grad()
     def held_out_kl() -> float:

@@ -77,3 +77,10 @@ def test_distill_checks_the_number_of_windows():
     model = tiny_model("llama")
     with pytest.raises(UsageError, match="between 1 and"):
         distill(model, model, calib(4, 16), 5, progress=False)
+
+
+def test_distilling_every_window_leaves_nothing_to_check():
+    teacher = sharp(tiny_model("llama"))
+    student = copy.deepcopy(teacher)
+    report = distill(student, teacher, calib(4, 16), 4, progress=False)
+    assert report.held_out == 0 and report.kl_held_out_before is None and report.accepted
