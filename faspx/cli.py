@@ -141,7 +141,8 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
     model, tokenizer, _ = load_model(model_name)
     log.info("calibration: %d x %d tokens of %s", nsamples, seqlen, calib)
     calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
-    dense = copy.deepcopy(model) if distill else None
+    # The teacher of --distill, kept in the forward dtype (distill copies it again only to move it to a GPU).
+    dense = copy.deepcopy(model).to(dtype=fwd_dtype) if distill else None
     log.info("pruning %d layers on %s in %s", len(adapter.layers(model)), dev, fwd_dtype)
     report = prune(model, calib_ids, sparsity, structure=structure, restore_weights=not no_restore, damp=damp,
                    selection=selection, target=restore_target, bias=bias, guard=not no_guard, device=dev,

@@ -79,7 +79,7 @@ def distill(student: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, sam
     One AdamW step per window on the first ``samples`` rows of ``calib_ids``, the learning rate
     decaying linearly from ``lr`` to 0; the forwards run in ``dtype`` (autocast), the weights and the
     optimizer stay float32. Up to HELD_OUT windows after those check the result: where their KL did
-    not fall, the weights before distillation are put back. ``teacher`` is not changed.
+    not fall, the weights before distillation are put back. ``teacher``'s weights are not changed.
 
     Example:
         >>> import copy; from transformers import AutoModelForCausalLM, LlamaConfig
@@ -101,7 +101,10 @@ def distill(student: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, sam
     # The weights to put back if the check fails (no check, no copy: it is a whole model on the host).
     before = [p.detach().to("cpu", copy=True) for p in params] if report.held_out else []
     student.to(device)
-    teacher = copy.deepcopy(teacher).to(device=device, dtype=dtype).eval()
+    # A teacher already on the device in ``dtype`` is used as it is; any other is copied there (never moved).
+    if any(p.device != device or p.dtype != dtype for p in teacher.parameters()):
+        teacher = copy.deepcopy(teacher).to(device=device, dtype=dtype)
+    teacher.eval()
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     @torch.no_grad()
