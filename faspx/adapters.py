@@ -47,10 +47,18 @@ class Adapter:
     # Stock config fields that give a pair's consumer a bias, and every module each field governs:
     # bias-aware restoration may switch one on (the rest of its modules then get zero biases).
     bias_fields: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    # Model types whose layers can take different FFN widths in the nemotron-nas (DeciLM) form that
+    # vLLM serves: its layer is LLaMA's (no sliding window, no q/k/v-only bias).
+    per_layer_types: tuple[str, ...] = ()
 
     def bias_field(self, config, pair: str) -> tuple[str, tuple[str, ...]] | None:
         """(field, modules) that would give ``pair``'s consumer a bias in this config, if it has one."""
         return next(((f, mods) for p, f, mods in self.bias_fields if p == pair and hasattr(config, f)), None)
+
+    def ffn_widths(self, model: nn.Module) -> list[int]:
+        """The FFN width of every decoder layer, read from the modules (they may differ after
+        ``--ffn-widths per-layer``)."""
+        return [layer.get_submodule(self.ffn_consumer).in_features for layer in self.layers(model)]
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of ``model``, in order."""
@@ -96,6 +104,7 @@ LLAMA = Adapter(
         ("ffn", "mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
         ("attn", "attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
     ),
+    per_layer_types=("llama",),
 )
 
 ADAPTERS = (OPT, LLAMA)

@@ -9,6 +9,7 @@ device, in the forward dtype; the master weights stay where they were loaded.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from faspx.budget import Budget, candidates, plan
 from faspx.errors import FaspxError, UsageError
 from faspx.restore import Stats, choose_damp, reconstruction_error, restore
 from faspx.score import kept_columns, score, select, select_obs
+from faspx.widths import allocate, candidate_removals
 
 log = logging.getLogger("faspx")
 
@@ -33,6 +35,10 @@ MIN_RETRY_DAMP = 1e-4
 AUTO_SAMPLES = 8
 SELECTIONS = ("wanda", "obs")
 TARGETS = ("pruned", "dense")
+FFN_WIDTHS = ("uniform", "per-layer")
+# --ffn-widths per-layer measures each layer's error curves on the first calibration samples holding
+# this many tokens (and at least 4 per FFN channel, so that the Gram is well sampled).
+WIDTH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class PruneReport:
     seconds: float = 0.0
     # --structure auto: every candidate split ({"n_remove", "error"}) and the one chosen
     splits: list[dict] | None = None
+    ffn_widths: str = "uniform"
+    # --ffn-widths per-layer: each layer's FFN width, and each layer's measured error per candidate width
+    layer_widths: list[int] | None = None
+    width_errors: dict | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the kept indices are what fasp.json records)."""
@@ -133,6 +143,7 @@ def prune(
     target: str = "pruned",
     bias: bool = False,
     guard: bool = True,
+    ffn_widths: str = "uniform",
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
@@ -148,6 +159,9 @@ def prune(
     (the config's FFN width is updated); the V/O pair is zeroed at full width so that the result
     stays a stock transformers model. ``guard=False`` accepts a restoration even where it raises the
     layer's error, as the paper does (by default plain removal is kept there).
+    ``ffn_widths="per-layer"`` (LLaMA only) keeps the total FFN budget but shares it between layers by
+    measured error, in widths that are multiples of 256 (``choose_widths``): the result is no longer a
+    stock LlamaForCausalLM; exporters.hf writes it in the nemotron-nas form that vLLM serves.
 
     Example:
         >>> import torch; from transformers import AutoModelForCausalLM, OPTConfig
@@ -162,6 +176,7 @@ def prune(
     method.check()
     adapter = adapter_for(model.config)
     budget = plan(model, adapter, sparsity, structure)
+    check_ffn_widths(model.config, adapter, ffn_widths)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     pairs = adapter.pairs(model.config)
@@ -169,7 +184,7 @@ def prune(
         sparsity=sparsity, structure=structure, restore=restore_weights, damp=damp, selection=selection,
         target=target, bias=bias, guard=guard, n_remove=dict(budget.n_remove), removed_fraction=budget.removed_fraction,
         device=str(device), dtype=str(dtype).removeprefix("torch."),
-        n_calib=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]),
+        n_calib=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]), ffn_widths=ffn_widths,
     )
     start = time.perf_counter()
     if all(n == 0 for n in budget.n_remove.values()):
@@ -184,14 +199,21 @@ def prune(
                                              dtype=dtype, progress=progress)
         report.n_remove, report.removed_fraction = dict(budget.n_remove), budget.removed_fraction
         log.info("--structure auto chose %s", ", ".join(f"{p} {n} units" for p, n in budget.n_remove.items()))
+    layer_budgets = [budget] * len(layers)
+    if ffn_widths == "per-layer" and budget.n_remove["ffn"] > 0:
+        layer_budgets, report.width_errors = choose_widths(layers, hidden, layer_kwargs, pairs, budget, method,
+                                                           device=device, dtype=dtype, progress=progress)
+        report.removed_fraction = sum(b.removed_fraction for b in layer_budgets) / len(layers)
+        log.info("--ffn-widths per-layer chose FFN widths %s",
+                 [budget.units["ffn"] - b.n_remove["ffn"] for b in layer_budgets])
     dense_hidden = [h.clone() for h in hidden] if target == "dense" else None
     # Bias-aware restoration where the consumer has a bias or a stock field can give it one.
     biased = {p.name for p in pairs if bias and budget.n_remove[p.name] > 0
               and (layers[0].get_submodule(p.consumer).bias is not None or adapter.bias_field(model.config, p.name))}
     bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
     for i in bar:
-        results = prune_layer(layers[i], hidden, layer_kwargs, pairs, budget, i, method, biased, device=device,
-                              dtype=dtype, dense_hidden=dense_hidden)
+        results = prune_layer(layers[i], hidden, layer_kwargs, pairs, layer_budgets[i], i, method, biased,
+                              device=device, dtype=dtype, dense_hidden=dense_hidden)
         report.layers.append(results)
         bar.set_postfix({p: f"{r.err_restored if r.err_restored is not None else r.err_removed:.3g}"
                          for p, r in results.items()})
@@ -199,11 +221,93 @@ def prune(
             f"{p} kept {len(r.keep)}/{r.n_units} err {r.err_removed:.4g}"
             + (f" -> {r.err_restored:.4g}" if r.err_restored is not None else "")
             for p, r in results.items()))
-    set_ffn_width(model, adapter)
+    if ffn_widths == "per-layer":
+        report.layer_widths = adapter.ffn_widths(model)
+        # In memory the config keeps one width (the largest); exporters.hf writes the per-layer ones.
+        setattr(model.config, adapter.ffn_width_key, max(report.layer_widths))
+    else:
+        set_ffn_width(model, adapter)
     for name in biased:
         enable_bias(model, adapter, name)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_ffn_widths(config, adapter: Adapter, ffn_widths: str) -> None:
+    """UsageError unless ``ffn_widths`` is known and, for per-layer, the model can take it (cheap: config only)."""
+    if ffn_widths not in FFN_WIDTHS:
+        raise UsageError(f"ffn_widths {ffn_widths!r} is not one of {', '.join(FFN_WIDTHS)}")
+    if ffn_widths == "uniform":
+        return
+    if config.model_type not in adapter.per_layer_types:
+        raise UsageError(
+            f"--ffn-widths per-layer exports in the nemotron-nas (DeciLM) form, which has LLaMA's layer: model "
+            f"type {config.model_type!r} cannot take it (supported: llama); use --ffn-widths uniform"
+        )
+    if len(candidate_removals(getattr(config, adapter.ffn_width_key))) < 2:
+        raise UsageError(
+            f"--ffn-widths per-layer needs an FFN width of at least 512 (widths are multiples of 256); "
+            f"this model's is {getattr(config, adapter.ffn_width_key)}"
+        )
+
+
+def choose_widths(layers: nn.ModuleList, hidden: list[torch.Tensor], layer_kwargs: dict, pairs: list[Pair],
+                  budget: Budget, method: Method, *, device: torch.device, dtype: torch.dtype,
+                  progress: bool = True) -> tuple[list[Budget], dict]:
+    """``--ffn-widths per-layer``: each layer's FFN budget, sharing the uniform plan's total by error.
+
+    The dense model runs over the first calibration samples holding WIDTH_TOKENS tokens (a fixed
+    cost, not a share of the calibration set). In every layer the FFN is pruned to every allowed
+    width (``candidate_removals``) as ``method`` would prune it, and the error is measured against
+    the residual stream token by token: sum_t ||dW x_t||^2 / ||h_t||^2 (h_t: the layer's input).
+    Measured against the layer's own output instead, layers whose FFN output is small next to the
+    stream look cheap to cut, and the result is far worse (README). ``faspx.widths.allocate`` then
+    picks the widths with the least summed error. A pruned attention pair is left dense here.
+    Returns the per-layer budgets and {"removals", "errors"} (errors[layer][candidate]).
+    """
+    ffn = next(p for p in pairs if p.name == "ffn")
+    width = budget.units["ffn"]
+    removals = candidate_removals(width)
+    tokens = max(WIDTH_TOKENS, 4 * width)
+    stream = [h.clone() for h in hidden[:-(-tokens // hidden[0].shape[1])]]
+    errors = torch.zeros(len(layers), len(removals), dtype=torch.float64)
+    for i, layer in enumerate(tqdm(layers, desc="per-layer widths: error curves", unit="layer",
+                                   disable=not progress)):
+        work = copy.deepcopy(layer).to(device=device, dtype=dtype)
+        n = work.get_submodule(ffn.consumer).in_features
+        folds = [Stats(torch.zeros(n, n, dtype=torch.float64, device=device)) for _ in range(2)]
+        token_gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+        for j, x in enumerate(stream):
+            x_in = consumer_input(work, ffn.consumer, x, layer_kwargs)  # float32, as in consumer_stats
+            folds[j % 2].gram.add_(x_in.T @ x_in)
+            stream_energy = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=1).clamp_min(1e-12)
+            token_gram.add_((x_in / stream_energy[:, None].to(x_in.device)).T @ x_in)
+        gram = (folds[0] + folds[1]).gram
+        weight = work.get_submodule(ffn.consumer).weight.to(device=gram.device, dtype=torch.float64)
+        damp = method.damp
+        if damp == "auto" and method.restore:
+            # One damping per layer, chosen at the uniform plan's width, serves every candidate.
+            nearest = min((r for r in removals if r), key=lambda r: abs(r - budget.n_remove["ffn"]))
+            damp = choose_damp(weight, folds, kept_columns(choose_keep(weight, gram, ffn, nearest, method),
+                                                           ffn.col_unit.to(gram.device)))
+        for k, n_remove in enumerate(removals):
+            if n_remove == 0:
+                continue
+            keep_cols = kept_columns(choose_keep(weight, gram, ffn, n_remove, method), ffn.col_unit.to(gram.device))
+            plain = torch.zeros_like(weight)
+            plain[:, keep_cols] = weight[:, keep_cols]
+            new = plain
+            restored = restore(weight, gram, keep_cols, max(damp, MIN_RETRY_DAMP)) if method.restore else None
+            if restored is not None:
+                new = torch.zeros_like(weight)
+                new[:, keep_cols] = restored
+                if method.guard and reconstruction_error(weight, new, gram) > reconstruction_error(weight, plain, gram):
+                    new = plain
+            errors[i, k] = reconstruction_error(weight, new, token_gram)
+        advance(work, stream, layer_kwargs, device)
+    picks = allocate(errors, removals, len(layers) * budget.n_remove["ffn"])
+    budgets = [dataclasses.replace(budget, n_remove={**budget.n_remove, "ffn": removals[k]}) for k in picks]
+    return budgets, {"removals": removals, "errors": errors.tolist()}
 
 
 class _Stop(Exception):

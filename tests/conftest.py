@@ -25,6 +25,10 @@ TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                  vocab_size=VOCAB, max_position_embeddings=128),
+    # FFN wide enough for --ffn-widths per-layer (widths in steps of 256); three layers to share it.
+    "llama-wide": lambda: LlamaConfig(hidden_size=64, intermediate_size=1024, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      vocab_size=VOCAB, max_position_embeddings=128),
     "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                  max_position_embeddings=128),

@@ -222,3 +222,43 @@ def test_a_restoration_that_raises_the_error_is_refused_unless_the_guard_is_off(
     prune(plain, calib(16, 32), 0.3, restore_weights=False, progress=False)
     assert torch.equal(kept[True], plain.model.decoder.layers[0].fc2.weight)  # the guard kept plain removal
     assert not torch.equal(kept[False], kept[True])
+
+
+@torch.no_grad()
+def test_per_layer_widths_keep_the_budget_in_steps_of_256():
+    model = tiny_model("llama-wide")
+    adapter = adapter_for(model.config)
+    uniform = prune(tiny_model("llama-wide"), calib(8, 32), 0.35, structure="mlp", progress=False)
+    report = prune(model, calib(8, 32), 0.35, structure="mlp", ffn_widths="per-layer", progress=False)
+    widths = adapter.ffn_widths(model)
+    assert report.layer_widths == widths and len(set(widths)) > 1  # 3 x 381 channels: no uniform fit
+    assert all(w % 256 == 0 for w in widths)
+    # the uniform plan's total, to the nearest 256
+    assert abs(sum(1024 - w for w in widths) - 3 * uniform.n_remove["ffn"]) <= 128
+    assert [len(layer["ffn"].keep) for layer in report.layers] == widths
+    assert report.removed_fraction == pytest.approx(sum(1024 - w for w in widths) * 3 * 64 / (3 * 208896))
+    assert report.width_errors["removals"] == [0, 256, 512, 768]
+    assert len(report.width_errors["errors"]) == 3 and all(row[0] == 0 for row in report.width_errors["errors"])
+    assert torch.isfinite(model(calib(2, 16, seed=5)).logits).all()
+
+
+@torch.no_grad()
+def test_per_layer_widths_spare_the_layer_whose_ffn_matters_most():
+    """Scale one layer's FFN output up: its error curve rises with it, so it keeps the widest FFN."""
+    for loud in range(3):
+        model = tiny_model("llama-wide")
+        model.model.layers[loud].mlp.down_proj.weight.mul_(20)
+        report = prune(model, calib(8, 32), 0.35, structure="mlp", ffn_widths="per-layer", progress=False)
+        widths = report.layer_widths
+        assert widths[loud] == max(widths) and widths.count(max(widths)) == 1, (loud, widths)
+
+
+@pytest.mark.parametrize("kind, message", [("opt", "cannot take it"), ("qwen2", "cannot take it"),
+                                           ("llama", "at least 512")])
+def test_per_layer_widths_refuse_models_that_cannot_take_them(kind, message):
+    from faspx.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        prune(tiny_model(kind), calib(), 0.2, ffn_widths="per-layer", progress=False)
+    with pytest.raises(UsageError, match="not one of"):
+        prune(tiny_model(kind), calib(), 0.2, ffn_widths="ragged", progress=False)
