@@ -4,6 +4,10 @@ The FFN width FASP left is already in ``model.config`` (``ffn_dim`` / ``intermed
 ``save_pretrained`` writes a config that ``AutoModelForCausalLM.from_pretrained`` reads without
 ``trust_remote_code``; ``auto_map`` is removed in case the source had one.
 
+A model pruned with ``--ffn-widths per-layer`` (layers of different FFN widths) cannot be stock: it is
+written in the nemotron-nas (DeciLM) form that vLLM serves (``block_configs``, ``ffn_mult`` per layer),
+with the two small code files of exporters/decilm that transformers loads with ``trust_remote_code=True``.
+
 Example:
     >>> from exporters import export_hf
     >>> summary = export_hf(model, tokenizer, Path("out/hf"), fasp_info)  # doctest: +SKIP
@@ -11,14 +15,27 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, dtype_name, fix_saved_config, write_side_files
+from exporters.decilm import AUTO_MAP, CODE_FILES
+from exporters.files import (
+    SIDE_FILES_BYTES,
+    check_disk,
+    dir_summary,
+    dtype_name,
+    fix_saved_config,
+    write_side_files,
+)
+from faspx.adapters import adapter_for
 from faspx.errors import UsageError
+from faspx.outputs import write_json
+from faspx.widths import block_configs
 
 log = logging.getLogger("faspx")
 
@@ -96,5 +113,25 @@ def export_hf(model: nn.Module, tokenizer, out_dir: Path, fasp_info: dict | None
         # save_pretrained records the in-memory dtype in the config object; keep the model as it was.
         model.config.dtype = config_dtype
     fix_saved_config(out_dir, dtype_name(save_dtype))
+    widths = adapter_for(model.config).ffn_widths(model)
+    if len(set(widths)) > 1:
+        write_nas_config(model, out_dir, widths)
     write_side_files(model, tokenizer, out_dir, fasp_info)
-    return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype)}
+    return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype), "form": "nemotron-nas" if len(set(widths)) > 1
+            else "stock"}
+
+
+def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int]) -> None:
+    """Turn the saved LLaMA config into the nemotron-nas form (per-layer ``ffn_mult``) and add its code files."""
+    path = out_dir / "config.json"
+    data = json.loads(path.read_text())
+    kv_heads = model.config.num_key_value_heads or model.config.num_attention_heads
+    data.update(model_type="nemotron-nas", architectures=["DeciLMForCausalLM"], auto_map=AUTO_MAP,
+                intermediate_size=max(widths),
+                block_configs=block_configs(widths, model.config.hidden_size,
+                                            model.config.num_attention_heads // kv_heads))
+    write_json(path, data)
+    for code in CODE_FILES:
+        shutil.copyfile(code, out_dir / code.name)
+    log.warning("layers have different FFN widths: wrote the nemotron-nas (DeciLM) form, which vLLM serves and "
+                "transformers loads with trust_remote_code=True; stock LlamaForCausalLM cannot load it")

@@ -178,3 +178,37 @@ def test_non_stock_class_is_refused(tmp_path):
     model = CustomLlama(tiny_model("llama").config)
     with pytest.raises(UsageError, match="not a stock transformers class"):
         export_hf(model, None, tmp_path / "hf", None)
+
+
+@torch.no_grad()
+def test_per_layer_widths_export_in_the_nemotron_nas_form(tmp_path):
+    from exporters.decilm.modeling_decilm import ffn_width
+
+    model = tiny_model("llama-wide")
+    faspx.prune(model, calib(8, 32), 0.35, structure="mlp", ffn_widths="per-layer", progress=False)
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert len(set(widths)) > 1
+    summary = export_hf(model, None, tmp_path / "hf", {"note": "test"})
+    out = tmp_path / "hf"
+    assert summary["form"] == "nemotron-nas"
+    assert {"configuration_decilm.py", "modeling_decilm.py", "model.safetensors"} <= set(summary["files"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    blocks = config["block_configs"]
+    # the widths as vLLM's nemotron_nas.py derives them from ffn_mult, and the GQA group size it reads
+    assert [ffn_width(b["ffn"]["ffn_mult"], config["hidden_size"]) for b in blocks] == widths
+    assert all(b["attention"]["n_heads_in_group"] == 2 and not b["attention"]["no_op"] for b in blocks)
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)  # not stock, and says so
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == widths
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    reloaded.set_attn_implementation(model.config._attn_implementation)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert (logits(reloaded, ids) - logits(model, ids)).abs().max() < 1e-6
+    # a uniform model never gets the custom code
+    assert export_hf(tiny_model("llama"), None, tmp_path / "stock")["form"] == "stock"
+    assert not (tmp_path / "stock" / "modeling_decilm.py").exists()
