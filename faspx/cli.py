@@ -95,6 +95,11 @@ def prune_options(fn):
                      help="Bias-aware restoration: solve a bias shift with W* (OPT; LLaMA via its bias fields)."),
         click.option("--no-guard", is_flag=True,
                      help="Accept a restoration even where it raises the layer's error (the paper as written)."),
+        click.option("--ffn-widths", type=click.Choice(["uniform", "per-layer"]), default="uniform",
+                     show_default=True,
+                     help="per-layer (LLaMA, opt-in): share the FFN budget between layers by measured error, widths "
+                          "in steps of 256; written in the nemotron-nas form vLLM serves, NOT loadable by stock "
+                          "LlamaForCausalLM (transformers needs trust_remote_code=True); --target hf only."),
         click.option("--distill", type=click.IntRange(min=0), default=0, show_default=True,
                      help="After pruning, distil from the dense model on the first N calibration windows "
                           "(one AdamW step each; needs the whole model twice on the device)."),
@@ -113,18 +118,19 @@ def prune_options(fn):
 
 def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsamples: int, seqlen: int,
               no_restore: bool, damp: str, selection: str, restore_target: str, bias: bool, no_guard: bool,
-              distill: int, distill_lr: float, device: str, dtype: str, seed: int, progress: bool):
+              ffn_widths: str, distill: int, distill_lr: float, device: str, dtype: str, seed: int, progress: bool):
     """Check the input, load the model, calibrate and prune. Returns (model, tokenizer, fasp_json)."""
     from faspx.budget import plan
     from faspx.data import calibration_ids
     from faspx.distill import distill as run_distill
     from faspx.models import load_config, load_model, meta_model, revision
     from faspx.outputs import provenance
-    from faspx.prune import prune, resolve_device, resolve_dtype
+    from faspx.prune import check_ffn_widths, prune, resolve_device, resolve_dtype
 
     config, adapter = load_config(model_name)
     # Cheap checks first: a bad sparsity must not cost a model load.
     plan(meta_model(config), adapter, sparsity, structure)
+    check_ffn_widths(config, adapter, ffn_widths)
     if damp != "auto":
         try:
             damp = float(damp)
@@ -145,8 +151,8 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
     dense = copy.deepcopy(model).to(dtype=fwd_dtype) if distill else None
     log.info("pruning %d layers on %s in %s", len(adapter.layers(model)), dev, fwd_dtype)
     report = prune(model, calib_ids, sparsity, structure=structure, restore_weights=not no_restore, damp=damp,
-                   selection=selection, target=restore_target, bias=bias, guard=not no_guard, device=dev,
-                   dtype=fwd_dtype, progress=progress)
+                   selection=selection, target=restore_target, bias=bias, guard=not no_guard, ffn_widths=ffn_widths,
+                   device=dev, dtype=fwd_dtype, progress=progress)
     distilled = None
     if distill:
         log.info("distilling from the dense model on %d calibration windows", distill)
@@ -187,9 +193,14 @@ def prune(out: Path, force: bool, progress: bool, **options) -> None:
     start = time.perf_counter()
     model, tokenizer, info = run_prune(progress=progress, **options)
     with atomic_dir(out, force) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "fasp.json", info)
+        if info["layer_widths"]:
+            from exporters.hf import export_hf
+
+            export_hf(model, tokenizer, tmp, info, dtype="auto")  # the nemotron-nas form
+        else:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "fasp.json", info)
     p = info["params"]
     click.echo(
         f"pruned {options['model_name']} to {out}: removed {info['removed_fraction']:.1%} of decoder linear "
@@ -229,7 +240,7 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
         def model(x):
             return torch.from_numpy(decoder.prefill(x.numpy())[0])
     else:
-        model, tokenizer, _ = load_model(model_name, dtype=resolve_dtype(dtype, dev))
+        model, tokenizer, _ = load_model(model_name, dtype=resolve_dtype(dtype, dev), per_layer_widths=True)
     ids = eval_ids(tokenizer, dataset)
     start = time.perf_counter()
     ppl = perplexity(model, ids, seqlen, max_windows=max_windows, device=dev, progress=progress)
@@ -326,7 +337,8 @@ def echo_exports(model, results: dict) -> None:
     """The export part of a summary: files and sizes, and the validation diffs."""
     click.echo(f"  {sum(p.numel() for p in model.parameters()):,} parameters stored")
     if "hf" in results:
-        click.echo(f"  hf/ ({results['hf']['dtype']}): {_files_line(results['hf'])}")
+        form = "" if results["hf"].get("form") != "nemotron-nas" else ", nemotron-nas form: trust_remote_code / vLLM"
+        click.echo(f"  hf/ ({results['hf']['dtype']}{form}): {_files_line(results['hf'])}")
     if "onnx" in results:
         o, v = results["onnx"], results["validation"]
         click.echo(f"  onnx/ ({o['dtype']}, {o['exporter']} exporter, opset {o['opset']}): {_files_line(o)}")
@@ -403,6 +415,9 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
     check_out(out, force)
     if atol is not None and not atol > 0:
         raise UsageError(f"--atol must be > 0 (got {atol})")
+    if options["ffn_widths"] == "per-layer" and (target != "hf" or with_bench):
+        raise UsageError("--ffn-widths per-layer writes a nemotron-nas checkpoint, not a stock one: use --target hf "
+                         "without --bench (the ONNX export and the benchmark take stock models)")
     start = time.perf_counter()
     with atomic_dir(out, force) as tmp:
         # build.log keeps every step at INFO level, whatever -q says for the terminal.
@@ -430,9 +445,11 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
             handler.close()
     p = info["params"]
     click.echo(f"built {out} from {options['model_name']} in {time.perf_counter() - start:.1f}s")
+    ffn = (f"ffn {info['n_remove']['ffn']} channels per layer" if not info["layer_widths"] else
+           f"ffn widths {min(info['layer_widths'])}-{max(info['layer_widths'])} by layer, nemotron-nas form")
     click.echo(f"  removed {info['removed_fraction']:.1%} of decoder linear weights (--structure "
-               f"{info['structure']}: attn {info['n_remove']['attn']}, ffn {info['n_remove']['ffn']} channels "
-               f"per layer); non-zero {p['decoder_linear_nonzero']:,} of {p['decoder_linear_stored']:,} stored")
+               f"{info['structure']}: attn {info['n_remove']['attn']}, {ffn}); non-zero "
+               f"{p['decoder_linear_nonzero']:,} of {p['decoder_linear_stored']:,} stored")
     echo_exports(model, info["exports"])
     if with_eval:
         e = info["eval"]

@@ -56,6 +56,44 @@ def test_distill_needs_that_many_windows(model_dir, text_file, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_prune_per_layer_widths_writes_the_nemotron_nas_form(opt_tokenizer, text_file, tmp_path):
+    wide = save_tiny("llama-wide", tmp_path / "wide", opt_tokenizer)
+    out = tmp_path / "pruned"
+    args = list(prune_args(wide, text_file, out, "--structure", "mlp", "--ffn-widths", "per-layer"))
+    args[args.index("0.3")] = "0.35"
+    code, output = run(*args)
+    assert code == 0, output
+    info = json.loads((out / "fasp.json").read_text())
+    assert info["ffn_widths"] == "per-layer" and len(set(info["layer_widths"])) > 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and (out / "tokenizer_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == info["layer_widths"]
+    code, output = run("eval", "--model", out, "--dataset", text_file, "--seqlen", "64", "--max-windows", "2", "-q")
+    assert code == 0 and "perplexity" in output, output
+    code, output = run("export", "--model", out, "--target", "onnx", "--out", tmp_path / "x")
+    assert code == 2 and "per-layer" in output and not (tmp_path / "x").exists()
+    (out / "modeling_decilm.py").write_text("import os  # not faspx's code\n")
+    code, output = run("eval", "--model", out, "--dataset", text_file, "--seqlen", "64", "--max-windows", "2", "-q")
+    assert code != 0  # a directory whose code is not faspx's is never run with trust_remote_code
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--ffn-widths", "per-layer"), "at least 512"),  # tiny llama's FFN is 160 wide
+    (("--ffn-widths", "ragged"), "ragged"),
+])
+def test_per_layer_widths_bad_input(model_dir, text_file, tmp_path, extra, message):
+    code, output = run(*prune_args(model_dir, text_file, tmp_path / "o", *extra))
+    assert code == 2 and message in output, output
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_per_layer_widths_needs_target_hf(model_dir, text_file, tmp_path):
+    args = ["build", *prune_args(model_dir, text_file, tmp_path / "o", "--ffn-widths", "per-layer")[1:]]
+    code, output = run(*args)  # the default target is all: ONNX too
+    assert code == 2 and "--target hf" in output and not (tmp_path / "o").exists()
+
+
 @torch.no_grad()
 def test_saved_model_reloads_with_the_same_logits(model_dir, text_file, opt_tokenizer, tmp_path):
     from faspx import prune
