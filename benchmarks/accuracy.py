@@ -42,6 +42,12 @@ METHODS: dict[str, tuple[dict, str]] = {
     "auto+damp-auto": ({"structure": "auto", "damp": "auto"}, "--structure auto --damp auto"),
     "all": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": "auto", "bias": True},
             "--structure mlp --selection obs --restore-target dense --damp auto --bias"),
+    # per-layer FFN widths (nemotron-nas export, not stock transformers)
+    "per-layer": ({"ffn_widths": "per-layer"}, "--ffn-widths per-layer"),
+    "mlp+damp-auto+per-layer": ({"structure": "mlp", "damp": "auto", "ffn_widths": "per-layer"},
+                                "--structure mlp --damp auto --ffn-widths per-layer"),
+    "mlp+damp-auto+per-layer+distill": ({"structure": "mlp", "damp": "auto", "ffn_widths": "per-layer",
+                                         "distill": True}, "--structure mlp --damp auto --ffn-widths per-layer"),
     # "distill": then distil from the dense model on --distill-samples calibration windows (faspx.distill);
     # the row is named after that number (mlp+damp-auto+distill64)
     "paper+distill": ({"distill": True}, ""),
@@ -121,7 +127,7 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
             row = {"method": row_name, "sparsity": s, "ppl": ppl(model), "seconds": seconds,
                    "prune_seconds": report.seconds, "distill": distilled,
                    "removed_fraction": report.removed_fraction, "n_remove": report.n_remove,
-                   "splits": report.splits,
+                   "splits": report.splits, "layer_widths": report.layer_widths,
                    "command": f"faspx prune --model {model_dir} --sparsity {s} --calib {calib} "
                               f"--nsamples {nsamples} --seqlen {seqlen} --dtype {dtype} {flags} --out OUT".strip()}
             results["rows"].append(row)

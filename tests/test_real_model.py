@@ -70,3 +70,8 @@ def test_best_method_beats_the_paper(smollm):
 
 def test_distillation_improves_the_best_method(smollm):
     assert pruned_ppl(smollm, "best+distill", distill_from="best", **BEST) < pruned_ppl(smollm, "best", **BEST)
+
+
+def test_per_layer_widths_improve_the_best_method(smollm):
+    """--ffn-widths per-layer (nemotron-nas output, not stock) against the same method at one width."""
+    assert pruned_ppl(smollm, "best+per-layer", ffn_widths="per-layer", **BEST) < pruned_ppl(smollm, "best", **BEST)
