@@ -114,11 +114,11 @@ def export_hf(model: nn.Module, tokenizer, out_dir: Path, fasp_info: dict | None
         model.config.dtype = config_dtype
     fix_saved_config(out_dir, dtype_name(save_dtype))
     widths = adapter_for(model.config).ffn_widths(model)
-    if len(set(widths)) > 1:
+    per_layer = len(set(widths)) > 1
+    if per_layer:
         write_nas_config(model, out_dir, widths)
     write_side_files(model, tokenizer, out_dir, fasp_info)
-    return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype), "form": "nemotron-nas" if len(set(widths)) > 1
-            else "stock"}
+    return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype), "form": "nemotron-nas" if per_layer else "stock"}
 
 
 def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int]) -> None:
