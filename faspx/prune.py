@@ -284,16 +284,18 @@ def choose_widths(layers: nn.ModuleList, hidden: list[torch.Tensor], layer_kwarg
             token_gram.add_((x_in / stream_energy[:, None].to(x_in.device)).T @ x_in)
         gram = (folds[0] + folds[1]).gram
         weight = work.get_submodule(ffn.consumer).weight.to(device=gram.device, dtype=torch.float64)
+        # Each candidate's kept columns, chosen once (with --selection obs a choice is an O(n^3) solve).
+        kept = {r: kept_columns(choose_keep(weight, gram, ffn, r, method), ffn.col_unit.to(gram.device))
+                for r in removals if r}
         damp = method.damp
         if damp == "auto" and method.restore:
             # One damping per layer, chosen at the uniform plan's width, serves every candidate.
-            nearest = min((r for r in removals if r), key=lambda r: abs(r - budget.n_remove["ffn"]))
-            damp = choose_damp(weight, folds, kept_columns(choose_keep(weight, gram, ffn, nearest, method),
-                                                           ffn.col_unit.to(gram.device)))
+            nearest = min(kept, key=lambda r: abs(r - budget.n_remove["ffn"]))
+            damp = choose_damp(weight, folds, kept[nearest])
         for k, n_remove in enumerate(removals):
             if n_remove == 0:
                 continue
-            keep_cols = kept_columns(choose_keep(weight, gram, ffn, n_remove, method), ffn.col_unit.to(gram.device))
+            keep_cols = kept[n_remove]
             plain = torch.zeros_like(weight)
             plain[:, keep_cols] = weight[:, keep_cols]
             new = plain
