@@ -50,6 +50,18 @@ class Adapter:
     # Model types whose layers can take different FFN widths in the nemotron-nas (DeciLM) form that
     # vLLM serves: its layer is LLaMA's (no sliding window, no q/k/v-only bias).
     per_layer_types: tuple[str, ...] = ()
+    # The module whose input is the residual stream that the FFN consumer's output is added to as the
+    # layer's last step (the layer's output is that input plus the consumer's output), and the config
+    # field, if any, that must be true for nothing to follow (OPT-350m norms after the addition).
+    ffn_residual: str = ""
+    ffn_residual_if: str = ""
+
+    def ffn_residual_input(self, config) -> str | None:
+        """The module whose input the FFN consumer's output is added to, last in the layer; None if a
+        norm follows the addition in this config (the pruning then reruns the whole layer)."""
+        if not self.ffn_residual or (self.ffn_residual_if and not getattr(config, self.ffn_residual_if, True)):
+            return None
+        return self.ffn_residual
 
     def bias_field(self, config, pair: str) -> tuple[str, tuple[str, ...]] | None:
         """(field, modules) that would give ``pair``'s consumer a bias in this config, if it has one."""
@@ -88,6 +100,8 @@ OPT = Adapter(
     v_proj="self_attn.v_proj",
     o_proj="self_attn.out_proj",
     ffn_width_key="ffn_dim",
+    ffn_residual="final_layer_norm",
+    ffn_residual_if="do_layer_norm_before",
 )
 
 LLAMA = Adapter(
@@ -105,6 +119,7 @@ LLAMA = Adapter(
         ("attn", "attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
     ),
     per_layer_types=("llama",),
+    ffn_residual="post_attention_layernorm",
 )
 
 ADAPTERS = (OPT, LLAMA)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -210,10 +211,16 @@ def prune(
     # Bias-aware restoration where the consumer has a bias or a stock field can give it one.
     biased = {p.name for p in pairs if bias and budget.n_remove[p.name] > 0
               and (layers[0].get_submodule(p.consumer).bias is not None or adapter.bias_field(model.config, p.name))}
+    # Where the FFN's output is the last addition to the residual stream, the layer's next inputs are
+    # made from the FFN statistics pass (residual + restored consumer) instead of a rerun of the layer.
+    residual = adapter.ffn_residual_input(model.config) if dense_hidden is None else None
+    if residual and not stash_fits(stash_bytes(hidden, max(b.units["ffn"] for b in layer_budgets)), hidden[0].device):
+        log.info("the FFN inputs of %d samples do not fit in memory: every layer is rerun to advance", len(hidden))
+        residual = None
     bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
     for i in bar:
         results = prune_layer(layers[i], hidden, layer_kwargs, pairs, layer_budgets[i], i, method, biased,
-                              device=device, dtype=dtype, dense_hidden=dense_hidden)
+                              device=device, dtype=dtype, dense_hidden=dense_hidden, residual=residual)
         report.layers.append(results)
         bar.set_postfix({p: f"{r.err_restored if r.err_restored is not None else r.err_removed:.3g}"
                          for p, r in results.items()})
@@ -373,31 +380,76 @@ def storage_device(nbytes: int, device: torch.device) -> torch.device:
 
 def prune_layer(layer: nn.Module, hidden: list[torch.Tensor], layer_kwargs: dict, pairs: list[Pair],
                 budget: Budget, index: int, method: Method, biased: set[str], *, device: torch.device,
-                dtype: torch.dtype, dense_hidden: list[torch.Tensor] | None = None) -> dict[str, PairResult]:
+                dtype: torch.dtype, dense_hidden: list[torch.Tensor] | None = None,
+                residual: str | None = None) -> dict[str, PairResult]:
     """Prune the pairs of one layer in order, then replace ``hidden`` by the pruned layer's outputs.
 
     With ``dense_hidden`` (the dense model's inputs to this layer) each consumer is restored towards
     the dense model's output on the dense inputs, and ``dense_hidden`` advances through the dense layer.
+    With ``residual`` (``Adapter.ffn_residual_input``) and the FFN pair pruned, the FFN statistics
+    pass keeps that module's input and the consumer's input of every sample, and the outputs are
+    their sum through the restored consumer: the same as rerunning the pruned layer, at the cost of
+    one matrix product.
     """
     results: dict[str, PairResult] = {}
     work = copy.deepcopy(layer).to(device=device, dtype=dtype)
     dense = copy.deepcopy(work) if dense_hidden is not None else None
+    stash: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     for pair in pairs:
         n_remove = budget.n_remove[pair.name]
         if n_remove == 0:
             continue
+        stash = [] if residual and pair.name == "ffn" else None
         folds = consumer_stats(work, pair.consumer, hidden, layer_kwargs, dense, dense_hidden,
-                               ones=pair.name in biased)
+                               ones=pair.name in biased, residual=residual, stash=stash)
         if not all(torch.isfinite(t).all() for t in folds[0] + folds[1] if t is not None):
             raise FaspxError(
                 f"layer {index} produced NaN/Inf activations at the input of {pair.consumer}; "
                 "try --dtype float32"
             )
         results[pair.name] = prune_pair(layer, pair, folds, n_remove, index, method, with_bias=pair.name in biased)
-        work = copy.deepcopy(layer).to(device=device, dtype=dtype)
-    for stream, net in ((hidden, work), (dense_hidden, dense)):
-        advance(net, stream or [], layer_kwargs, device)
+        if stash is None:
+            work = copy.deepcopy(layer).to(device=device, dtype=dtype)
+    if stash is not None:
+        ffn = next(p for p in pairs if p.name == "ffn")
+        keep_cols = kept_columns(torch.tensor(results["ffn"].keep), ffn.col_unit)
+        advance_stashed(layer.get_submodule(ffn.consumer), keep_cols if ffn.physical else None, stash, hidden,
+                        device=device, dtype=dtype)
+    else:
+        advance(work, hidden, layer_kwargs, device)
+    advance(dense, dense_hidden or [], layer_kwargs, device)
     return results
+
+
+def stash_bytes(hidden: list[torch.Tensor], ffn_width: int) -> int:
+    """Bytes that the FFN's residual and consumer inputs of every sample take (``prune_layer``)."""
+    return sum(h.numel() // h.shape[-1] * (h.shape[-1] + ffn_width) * h.element_size() for h in hidden)
+
+
+def stash_fits(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` more fit where the layer activations are kept: under a third of the GPU's
+    free memory, or under half of the host's free memory (False where that can't be read)."""
+    if device.type == "cuda":
+        return nbytes < torch.cuda.mem_get_info(device)[0] / 3
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return False
+    return nbytes < free / 2
+
+
+def advance_stashed(consumer: nn.Module, keep_cols: torch.Tensor | None, stash: list[tuple[torch.Tensor, torch.Tensor]],
+                    hidden: list[torch.Tensor], *, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace every hidden state by residual + restored consumer(its kept input columns), ``stash``
+    holding (residual, consumer input) per sample; ``keep_cols`` None reads every column."""
+    consumer = copy.deepcopy(consumer).to(device=device, dtype=dtype)
+    for j, (res, x_in) in enumerate(stash):
+        x_in = x_in.to(device)
+        if keep_cols is not None:
+            x_in = x_in[..., keep_cols.to(device)]
+        out = res.to(device) + consumer(x_in)
+        hidden[j] = out.reshape(hidden[j].shape).to(hidden[j].device)
+    stash.clear()
 
 
 def advance(layer: nn.Module, stream: list[torch.Tensor], layer_kwargs: dict, device: torch.device) -> None:
@@ -465,31 +517,44 @@ def consumer_input(layer: nn.Module, consumer: str, x: torch.Tensor, layer_kwarg
 
     The forward stops once the consumer has seen its input: the rest of the layer is not needed.
     """
-    module = layer.get_submodule(consumer)
+    (x_in,) = module_inputs(layer, (consumer,), x, layer_kwargs)
+    return x_in.reshape(-1, layer.get_submodule(consumer).in_features).float()
+
+
+def module_inputs(layer: nn.Module, names: tuple[str, ...], x: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
+    """The first inputs of the modules ``names`` when ``layer`` runs on ``x``, as they were (shape, dtype).
+
+    The forward stops once the last of ``names`` has seen its input (they must run in that order).
+    """
     seen: list[torch.Tensor] = []
 
     def grab(_module, args):
-        seen.append(args[0].reshape(-1, module.in_features).float())
-        raise _Stop
+        seen.append(args[0])
+        if len(seen) == len(names):
+            raise _Stop
 
-    handle = module.register_forward_pre_hook(grab)
+    handles = [layer.get_submodule(name).register_forward_pre_hook(grab) for name in names]
     try:
-        layer(x.to(module.weight.device), **layer_kwargs)
+        layer(x.to(layer.get_submodule(names[-1]).weight.device), **layer_kwargs)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return seen[0]
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], layer_kwargs: dict,
                    dense: nn.Module | None = None, dense_hidden: list[torch.Tensor] | None = None,
-                   ones: bool = False) -> list[Stats]:
+                   ones: bool = False, residual: str | None = None,
+                   stash: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[Stats]:
     """Accumulate the Stats of ``consumer`` (float64) in two folds (even and odd samples); their sum
     is the whole calibration set, and each fold can check a damping fitted on the other.
 
     ``ones`` appends a constant input (the last row/column of every moment), so that a restoration
-    can solve for a bias together with the weights.
+    can solve for a bias together with the weights. With ``stash`` (a list) and ``residual`` (a
+    module that runs before the consumer), the inputs of both are appended to it per sample, kept
+    where that sample's hidden state is.
     """
     n = layer.get_submodule(consumer).in_features + int(ones)
     device = layer.get_submodule(consumer).weight.device
@@ -500,7 +565,13 @@ def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], 
     folds = [Stats(zeros(), *((zeros(), zeros()) if dense is not None else ())) for _ in range(2)]
     for j, x in enumerate(hidden):
         stats = folds[j % 2]
-        x_pruned = with_ones(consumer_input(layer, consumer, x, layer_kwargs), ones)
+        if stash is not None and residual:
+            res, x_in = module_inputs(layer, (residual, consumer), x, layer_kwargs)
+            stash.append((res.to(x.device), x_in.to(x.device)))
+            x_in = x_in.reshape(-1, n - int(ones)).float()
+        else:
+            x_in = consumer_input(layer, consumer, x, layer_kwargs)
+        x_pruned = with_ones(x_in, ones)
         stats.gram.add_(x_pruned.T @ x_pruned)
         if dense is not None:
             x_dense = with_ones(consumer_input(dense, consumer, dense_hidden[j], layer_kwargs), ones)

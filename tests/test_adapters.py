@@ -69,3 +69,24 @@ def test_attention_pair_is_linked_exactly(kind):
     assert (outs[0] - dense).abs().max() > 1e-4  # the removal does change the model
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(outs[0], outs[2], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_ffn_residual_input_is_what_the_ffn_output_is_added_to(kind):
+    """The layer's output is that module's input plus the FFN consumer's output (None for post-LN OPT)."""
+    model = tiny_model(kind)
+    adapter = adapter_for(model.config)
+    residual = adapter.ffn_residual_input(model.config)
+    assert (residual is None) == (kind == "opt350")
+    if residual is None:
+        return
+    layer = adapter.layers(model)[0]
+    seen = {}
+    hooks = [layer.get_submodule(residual).register_forward_pre_hook(lambda _m, a: seen.update(res=a[0])),
+             layer.get_submodule(adapter.ffn_consumer).register_forward_hook(lambda _m, _a, o: seen.update(ffn=o))]
+    x = model.get_input_embeddings()(calib(1, 16))
+    out = layer(x, position_embeddings=getattr(model.model, "rotary_emb", lambda *a: None)(x, torch.arange(16)[None]))
+    for h in hooks:
+        h.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(out, (seen["res"] + seen["ffn"]).reshape(out.shape))

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -262,3 +264,25 @@ def test_per_layer_widths_refuse_models_that_cannot_take_them(kind, message):
         prune(tiny_model(kind), calib(), 0.2, ffn_widths="per-layer", progress=False)
     with pytest.raises(UsageError, match="not one of"):
         prune(tiny_model(kind), calib(), 0.2, ffn_widths="ragged", progress=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("structure", ["fasp", "mlp"])
+def test_advancing_from_the_ffn_pass_equals_rerunning_the_layer(kind, structure, monkeypatch):
+    """The next layer's inputs made from the FFN statistics pass are those of a rerun of the pruned layer."""
+    driver = importlib.import_module("faspx.prune")
+    stashed = []
+    real = driver.advance_stashed
+    monkeypatch.setattr(driver, "advance_stashed", lambda *a, **k: stashed.append(1) or real(*a, **k))
+    fast, slow = tiny_model(kind), tiny_model(kind)
+    fast_report = prune(fast, calib(), 0.3, structure=structure, progress=False)
+    uses_stash = adapter_for(fast.config).ffn_residual_input(fast.config) is not None
+    assert len(stashed) == (fast.config.num_hidden_layers if uses_stash else 0)
+    monkeypatch.setattr(driver, "stash_fits", lambda *_: False)  # as when the inputs do not fit in memory
+    slow_report = prune(slow, calib(), 0.3, structure=structure, progress=False)
+    assert len(stashed) == (fast.config.num_hidden_layers if uses_stash else 0)
+    assert [{p: r.keep for p, r in layer.items()} for layer in fast_report.layers] == \
+        [{p: r.keep for p, r in layer.items()} for layer in slow_report.layers]
+    ids = calib(2, 16, seed=5)
+    torch.testing.assert_close(fast(ids).logits, slow(ids).logits, rtol=1e-5, atol=1e-5)
+
