@@ -286,3 +286,14 @@ def test_advancing_from_the_ffn_pass_equals_rerunning_the_layer(kind, structure,
     ids = calib(2, 16, seed=5)
     torch.testing.assert_close(fast(ids).logits, slow(ids).logits, rtol=1e-5, atol=1e-5)
 
+
+def test_gram_of_bfloat16_values_is_as_accurate_as_float32():
+    """exact_bf16_products keeps float32 accuracy for bfloat16-valued operands and restores the setting."""
+    driver = importlib.import_module("faspx.prune")
+    x = torch.randn(512, 96, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    exact = x.double().T @ x.double()
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with driver.exact_bf16_products(True):
+        gram = x.T @ x
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert float((gram.double() - exact).abs().max() / exact.abs().max()) < 2e-6
