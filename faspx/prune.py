@@ -2,8 +2,9 @@
 
 Per layer (design.md): gather G at the attention consumer's input, prune + restore the V/O pair;
 gather G at the FFN consumer's input with the pruned attention in place, prune + restore the FFN
-pair; run the pruned layer to make the next layer's inputs. Only the layer being pruned is on the
-device, in the forward dtype; the master weights stay where they were loaded.
+pair; make the next layer's inputs from the pruned layer (from the FFN pass's kept activations
+where the FFN output is the layer's last addition, else by running it again). Only the layer being
+pruned is on the device, in the forward dtype; the master weights stay where they were loaded.
 """
 
 from __future__ import annotations
