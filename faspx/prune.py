@@ -216,7 +216,7 @@ def prune(
     # Where the FFN's output is the last addition to the residual stream, the layer's next inputs are
     # made from the FFN statistics pass (residual + restored consumer) instead of a rerun of the layer.
     residual = adapter.ffn_residual_input(model.config) if dense_hidden is None else None
-    if residual and not stash_fits(stash_bytes(hidden, max(b.units["ffn"] for b in layer_budgets)), hidden[0].device):
+    if residual and not stash_fits(stash_bytes(hidden, budget.units["ffn"]), hidden[0].device):
         log.info("the FFN inputs of %d samples do not fit in memory: every layer is rerun to advance", len(hidden))
         residual = None
     bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
@@ -288,7 +288,7 @@ def choose_widths(layers: nn.ModuleList, hidden: list[torch.Tensor], layer_kwarg
         token_gram = torch.zeros(n, n, dtype=torch.float64, device=device)
         for j, x in enumerate(stream):
             x_in = consumer_input(work, ffn.consumer, x, layer_kwargs)  # float32, as in consumer_stats
-            with exact_bf16_products(dtype == torch.bfloat16 and device.type == "cpu"):
+            with exact_bf16_products(work.get_submodule(ffn.consumer)):
                 folds[j % 2].gram.add_(x_in.T @ x_in)
             stream_energy = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=1).clamp_min(1e-12)
             token_gram.add_((x_in / stream_energy[:, None].to(x_in.device)).T @ x_in)
@@ -555,7 +555,7 @@ def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], 
     is the whole calibration set, and each fold can check a damping fitted on the other.
 
     ``ones`` appends a constant input (the last row/column of every moment), so that a restoration
-    can solve for a bias together with the weights. With ``stash`` (a list) and ``residual`` (a
+    can solve for a bias together with the weights. With ``stash`` (a list; ``residual`` must name a
     module that runs before the consumer), the inputs of both are appended to it per sample, kept
     where that sample's hidden state is.
     """
@@ -566,36 +566,37 @@ def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], 
         return torch.zeros(n, n, dtype=torch.float64, device=device)
 
     folds = [Stats(zeros(), *((zeros(), zeros()) if dense is not None else ())) for _ in range(2)]
-    # A bfloat16 layer gives its consumer bfloat16 inputs (float32 here, but bfloat16 values).
-    bf16_inputs = layer.get_submodule(consumer).weight.dtype == torch.bfloat16 and device.type == "cpu"
     for j, x in enumerate(hidden):
         stats = folds[j % 2]
-        if stash is not None and residual:
+        if stash is not None:
             res, x_in = module_inputs(layer, (residual, consumer), x, layer_kwargs)
             stash.append((res.to(x.device), x_in.to(x.device)))
             x_in = x_in.reshape(-1, n - int(ones)).float()
         else:
             x_in = consumer_input(layer, consumer, x, layer_kwargs)
         x_pruned = with_ones(x_in, ones)
-        with exact_bf16_products(bf16_inputs):
+        if dense is not None:  # the dense layer runs outside the scope of exact_bf16_products
+            x_dense = with_ones(consumer_input(dense, consumer, dense_hidden[j], layer_kwargs), ones)
+        with exact_bf16_products(layer.get_submodule(consumer)):
             stats.gram.add_(x_pruned.T @ x_pruned)
             if dense is not None:
-                x_dense = with_ones(consumer_input(dense, consumer, dense_hidden[j], layer_kwargs), ones)
                 stats.cross.add_(x_pruned.T @ x_dense)
                 stats.gram_target.add_(x_dense.T @ x_dense)
     return folds
 
 
 @contextlib.contextmanager
-def exact_bf16_products(enabled: bool):
-    """Within: float32 matrix products on the CPU run on its bfloat16 units (oneDNN), float32 sums.
+def exact_bf16_products(consumer: nn.Module):
+    """Within, when ``consumer`` is a bfloat16 module on the CPU: float32 matrix products run on the
+    CPU's bfloat16 units (oneDNN), with float32 sums.
 
-    Only for operands that hold bfloat16 values (the activations of a bfloat16 forward): their
-    products are exact in float32 and the sums stay float32, so the Gram is as accurate as the plain
-    float32 product (more, in a test: 3.6e-7 vs 1e-6 relative) and about 3x faster where the CPU has
-    AMX. Other operands would be rounded to bfloat16, hence the scope.
+    For the Gram of that consumer's inputs, which hold bfloat16 values (float32 tensors made from its
+    bfloat16 inputs): their products are exact in float32 and the sums stay float32, so the Gram is as
+    accurate as the plain float32 product (more, in a test: 3.6e-7 vs 1e-6 relative) and about 3x
+    faster where the CPU has AMX. Other operands would be rounded to bfloat16, hence the scope.
     """
     matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    enabled = consumer.weight.dtype == torch.bfloat16 and consumer.weight.device.type == "cpu"
     if not enabled or matmul is None or not hasattr(matmul, "fp32_precision"):
         yield
         return

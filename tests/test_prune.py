@@ -293,7 +293,9 @@ def test_gram_of_bfloat16_values_is_as_accurate_as_float32():
     x = torch.randn(512, 96, generator=torch.Generator().manual_seed(0)).bfloat16().float()
     exact = x.double().T @ x.double()
     before = torch.backends.mkldnn.matmul.fp32_precision
-    with driver.exact_bf16_products(True):
+    with driver.exact_bf16_products(torch.nn.Linear(96, 4)):  # a float32 consumer: left as it is
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    with driver.exact_bf16_products(torch.nn.Linear(96, 4).bfloat16()):
         gram = x.T @ x
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     assert float((gram.double() - exact).abs().max() / exact.abs().max()) < 2e-6
