@@ -296,6 +296,7 @@ def test_gram_of_bfloat16_values_is_as_accurate_as_float32():
     with driver.exact_bf16_products(torch.nn.Linear(96, 4)):  # a float32 consumer: left as it is
         assert torch.backends.mkldnn.matmul.fp32_precision == before
     with driver.exact_bf16_products(torch.nn.Linear(96, 4).bfloat16()):
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # the fast path is on
         gram = x.T @ x
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     assert float((gram.double() - exact).abs().max() / exact.abs().max()) < 2e-6
