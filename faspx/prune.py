@@ -376,7 +376,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib_ids: tor
 
 def storage_device(nbytes: int, device: torch.device) -> torch.device:
     """Keep the layer activations on the GPU when they take under a third of its free memory."""
-    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] / 3:
+    if device.type == "cuda" and stash_fits(nbytes, device):
         return device
     return torch.device("cpu") if device.type == "cuda" else device
 
