@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from faspx.distill import HELD_OUT, distill, kl_loss, trainable
+from faspx.distill import HELD_OUT, distill, head_kl, kl_loss, trainable
 from faspx.errors import UsageError
 from faspx.prune import prune
 from tests.conftest import calib, tiny_model
@@ -16,6 +16,36 @@ def test_kl_loss_is_the_mean_token_kl():
     expected = (p * (p.log() - log_q)).sum(-1).mean()
     assert torch.allclose(kl_loss(student, teacher), expected, atol=1e-6)
     assert float(kl_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_kl_equals_kl_loss_and_its_gradient(bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 40, bias=bias)
+    student, teacher = torch.randn(1, 7, 6, requires_grad=True), torch.randn(1, 7, 6)
+    expected = kl_loss(head(student), head(teacher)) * 7
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    got = head_kl(student, teacher, head, head, chunk=3)  # 7 tokens: chunks of 3, 3, 1
+    (grad,) = torch.autograd.grad(got, student)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+    with torch.no_grad():  # no gradient asked: the value alone
+        assert float(head_kl(student, teacher, head, head)) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_head_kl_from_hidden_states_is_the_kl_of_each_familys_logits(kind):
+    # distill feeds head_kl the base model's last hidden state and the LM head: for every family
+    # that must be exactly what the full model's logits are made from.
+    teacher = sharp(tiny_model(kind))
+    student = tiny_model(kind, seed=1)
+    x = calib(1, 16, seed=2)
+    with torch.no_grad():
+        expected = kl_loss(student(input_ids=x).logits, teacher(input_ids=x).logits) * x.numel()
+        got = head_kl(student.base_model(input_ids=x).last_hidden_state,
+                      teacher.base_model(input_ids=x).last_hidden_state,
+                      student.get_output_embeddings(), teacher.get_output_embeddings())
+    assert float(got) == pytest.approx(float(expected), rel=1e-4)
+    assert float(expected) > 0.01
 
 
 def test_trainable_leaves_out_embeddings_and_head(kind):
