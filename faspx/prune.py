@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from faspx.adapters import Adapter, Pair, adapter_for
 from faspx.budget import Budget, candidates, plan
 from faspx.errors import FaspxError, UsageError
-from faspx.restore import Stats, choose_damp, reconstruction_error, restore
+from faspx.restore import Stats, add_gram, choose_damp, reconstruction_error, restore
 from faspx.score import kept_columns, score, select, select_obs
 from faspx.widths import allocate, candidate_removals
 
@@ -289,7 +289,7 @@ def choose_widths(layers: nn.ModuleList, hidden: list[torch.Tensor], layer_kwarg
         for j, x in enumerate(stream):
             x_in = consumer_input(work, ffn.consumer, x, layer_kwargs)  # float32, as in consumer_stats
             with exact_bf16_products(work.get_submodule(ffn.consumer)):
-                folds[j % 2].gram.add_(x_in.T @ x_in)
+                add_gram(folds[j % 2].gram, x_in)
             stream_energy = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=1).clamp_min(1e-12)
             token_gram.add_((x_in / stream_energy[:, None].to(x_in.device)).T @ x_in)
         gram = (folds[0] + folds[1]).gram
@@ -578,10 +578,10 @@ def consumer_stats(layer: nn.Module, consumer: str, hidden: list[torch.Tensor], 
         if dense is not None:  # the dense layer runs outside the scope of exact_bf16_products
             x_dense = with_ones(consumer_input(dense, consumer, dense_hidden[j], layer_kwargs), ones)
         with exact_bf16_products(layer.get_submodule(consumer)):
-            stats.gram.add_(x_pruned.T @ x_pruned)
+            add_gram(stats.gram, x_pruned)
             if dense is not None:
                 stats.cross.add_(x_pruned.T @ x_dense)
-                stats.gram_target.add_(x_dense.T @ x_dense)
+                add_gram(stats.gram_target, x_dense)
     return folds
 
 

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from faspx.restore import reconstruction_error, restore
+from faspx.restore import add_gram, reconstruction_error, restore
 from tests.conftest import calib, tiny_model
 
 
@@ -104,3 +105,13 @@ def test_stats_add_up():
     a, b = Stats(torch.ones(2, 2)), Stats(2 * torch.ones(2, 2))
     total = a + b
     assert torch.equal(total.gram, 3 * torch.ones(2, 2)) and total.cross is None
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_add_gram_accumulates_the_whole_product(blocks):
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    gram = torch.zeros(7, 7, dtype=torch.float64)
+    add_gram(gram, x, blocks)  # 7 features: blocks of uneven size
+    add_gram(gram, y, blocks)
+    assert torch.allclose(gram, x.T @ x + y.T @ y, atol=1e-12)
