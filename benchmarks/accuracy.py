@@ -78,9 +78,11 @@ def dense_forward_seconds(model, calib_ids: torch.Tensor, dtype: torch.dtype) ->
 @click.option("--dtype", default="bfloat16", help="Forward dtype while pruning and evaluating.")
 @click.option("--distill-samples", type=int, default=32, show_default=True,
               help="Calibration windows the +distill methods distil on.")
+@click.option("--distill-lr", type=float, default=1e-4, show_default=True,
+              help="Peak learning rate of the +distill methods; rows with another than 1e-4 are named after it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON results (appended per row).")
 def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windows, sparsities, methods, dtype,
-         distill_samples, out):
+         distill_samples, distill_lr, out):
     """Run the sweep and print a Markdown table; results land in --out as they come."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,16 +116,17 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
     for s in (float(x) for x in sparsities.split(",")):
         for name in methods.split(","):
             kwargs, flags = METHODS[name]
-            row_name = name.replace("+distill", f"+distill{distill_samples}") if kwargs.get("distill") else name
+            lr_tag = "" if distill_lr == 1e-4 else f"-lr{distill_lr:g}"
+            row_name = name.replace("+distill", f"+distill{distill_samples}{lr_tag}") if kwargs.get("distill") else name
             if (row_name, s) in done:
                 continue
             model = copy.deepcopy(master)
             report = prune(model, calib_ids, s, dtype=fwd, **{k: v for k, v in kwargs.items() if k != "distill"})
             seconds, distilled = report.seconds, None
             if kwargs.get("distill"):
-                distilled = distill(model, master, calib_ids, distill_samples, dtype=fwd).to_dict()
+                distilled = distill(model, master, calib_ids, distill_samples, lr=distill_lr, dtype=fwd).to_dict()
                 seconds += distilled["seconds"]
-                flags = f"{flags} --distill {distill_samples}".strip()
+                flags = f"{flags} --distill {distill_samples}" + (f" --distill-lr {distill_lr:g}" if lr_tag else "")
             row = {"method": row_name, "sparsity": s, "ppl": ppl(model), "seconds": seconds,
                    "prune_seconds": report.seconds, "distill": distilled,
                    "removed_fraction": report.removed_fraction, "n_remove": report.n_remove,
