@@ -187,20 +187,15 @@ def param_counts(model, adapter) -> dict:
 @verbosity
 def prune(out: Path, force: bool, progress: bool, **options) -> None:
     """Prune a model with FASP and save it as a loadable HF directory with fasp.json."""
-    from faspx.outputs import atomic_dir, check_out, write_json
+    from exporters.hf import export_hf
+    from faspx.outputs import atomic_dir, check_out
 
     check_out(out, force)
     start = time.perf_counter()
     model, tokenizer, info = run_prune(progress=progress, **options)
     with atomic_dir(out, force) as tmp:
-        if info["layer_widths"]:
-            from exporters.hf import export_hf
-
-            export_hf(model, tokenizer, tmp, info, dtype="auto")  # the nemotron-nas form
-        else:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "fasp.json", info)
+        # The HF exporter, in the model's own dtype: stock, or nemotron-nas for per-layer widths.
+        export_hf(model, tokenizer, tmp, info, dtype="auto")
     p = info["params"]
     click.echo(
         f"pruned {options['model_name']} to {out}: removed {info['removed_fraction']:.1%} of decoder linear "

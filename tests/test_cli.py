@@ -168,12 +168,13 @@ def test_existing_out_needs_force(model_dir, text_file, tmp_path):
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError("disk on fire")])
 def test_crash_mid_write_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch, fault):
-    import faspx.outputs
+    import exporters.files
 
     def boom(*_a, **_k):
         raise fault
 
-    monkeypatch.setattr(faspx.outputs, "write_json", boom)
+    # fasp.json is the last file the HF exporter writes: the crash comes after the weights.
+    monkeypatch.setattr(exporters.files, "write_json", boom)
     code, output = run(*prune_args(model_dir, text_file, tmp_path / "o"))
     assert code == 1 and "error" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "dense"]
