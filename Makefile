@@ -20,8 +20,9 @@ install:
 model:
 	$(PY) -m faspx.demo_model
 
+# The tests, and the runnable examples in the docstrings.
 test:
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --doctest-modules faspx exporters benchmarks
 
 lint:
 	$(VENV)/bin/ruff check faspx exporters benchmarks tests

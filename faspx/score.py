@@ -59,8 +59,9 @@ def select_obs(weight: torch.Tensor, gram: torch.Tensor, col_unit: torch.Tensor,
 
     Example:
         >>> x = torch.randn(4, 200, dtype=torch.float64); x[1] = x[0] + 1e-3 * x[1]
-        >>> w = torch.ones(2, 4, dtype=torch.float64)
-        >>> select_obs(w, x @ x.T, torch.arange(4), 1, damp=0.0).tolist()  # column 1 copies column 0
+        >>> w = torch.tensor([[1.0, 0.5, 1.0, 1.0]] * 2, dtype=torch.float64)
+        >>> # column 1 nearly copies column 0 and weighs less: column 0 takes its share when it goes
+        >>> select_obs(w, x @ x.T, torch.arange(4), 1, damp=0.0).tolist()
         [0, 2, 3]
     """
     w = weight.to(torch.float64).clone()
