@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks.timing import Sample, time_generation
+from faspx.models import cache_keyword, returned_cache
 
 BACKENDS = ("torch", "onnxruntime", "vllm")
 # Two vLLM engines (dense and pruned) share one GPU in this process: each gets this fraction.
@@ -74,6 +75,7 @@ class TorchRunner:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.kv_bytes_per_value = dtype.itemsize
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self._cache_keyword = cache_keyword(self.model)
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters \
             else {}
 
@@ -86,10 +88,10 @@ class TorchRunner:
         prompt = torch.from_numpy(ids).to(self._device)
 
         def run(tokens, past):
-            out = self.model(input_ids=tokens, past_key_values=past, use_cache=True, **self._extra)
+            out = self.model(input_ids=tokens, use_cache=True, **{self._cache_keyword: past}, **self._extra)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             self._sync()
-            return nxt, out.past_key_values
+            return nxt, returned_cache(out)
 
         with torch.inference_mode():
             return time_generation(lambda: run(prompt, None), lambda state: run(*state), new_tokens, clock, at_end)

@@ -51,6 +51,7 @@ from torch import nn
 
 from exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, write_config, write_side_files
 from faspx.errors import FaspxError, UsageError
+from faspx.models import cache_keyword, returned_cache
 
 log = logging.getLogger("faspx")
 
@@ -90,6 +91,7 @@ class KVDecoder(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.cache_keyword = cache_keyword(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -99,8 +101,8 @@ class KVDecoder(nn.Module):
         # every position instead of dropping old ones).
         cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, return_dict=True)
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                         use_cache=True, return_dict=True, **{self.cache_keyword: cache})
+        present = [t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
 
 
@@ -294,7 +296,7 @@ def validate_onnx(onnx_dir: str | Path, model: nn.Module, atol: float | None = N
     def torch_run(ids, mask, cache):
         pos = torch.from_numpy(positions(mask.numpy(), ids.shape[1]))
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{cache_keyword(model): cache})
         return out.logits.float().cpu().numpy()
 
     cache = DynamicCache(config=model.config)

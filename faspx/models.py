@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 from pathlib import Path
@@ -126,3 +127,22 @@ def local_dir(model: str) -> Path:
 def revision(model: nn.Module) -> str | None:
     """The hub commit the weights came from, when transformers recorded one."""
     return getattr(model.config, "_commit_hash", None)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` where the model's forward has it (recent
+    transformers, which deprecate ``past_key_values`` and drop it in 5.40), else ``past_key_values``.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig
+        >>> cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        >>> cache_keyword(AutoModelForCausalLM.from_config(cfg)) in ("cache", "past_key_values")
+        True
+    """
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under either name (see ``cache_keyword``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
