@@ -293,10 +293,12 @@ def validate_onnx(onnx_dir: str | Path, model: nn.Module, atol: float | None = N
     device = next(model.parameters()).device
     keep = mask.bool().numpy()
 
+    keyword = cache_keyword(model)
+
     def torch_run(ids, mask, cache):
         pos = torch.from_numpy(positions(mask.numpy(), ids.shape[1]))
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    use_cache=True, **{cache_keyword(model): cache})
+                    use_cache=True, **{keyword: cache})
         return out.logits.float().cpu().numpy()
 
     cache = DynamicCache(config=model.config)
