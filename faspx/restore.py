@@ -79,17 +79,26 @@ def restore(
         >>> restore(w, x @ x.T, torch.tensor([0, 1, 2]), damp=0.0).shape
         torch.Size([3, 3])
     """
+    return solve_kept(*kept_moments(weight, gram, keep_cols, cross), damp)
+
+
+def kept_moments(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor,
+                 cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """G[M, M] and the right-hand side W moment[M, :]^T of ``restore``'s solve (float64); they do
+    not depend on the damping, so ``choose_damp`` computes them once per fold."""
     w = weight.to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     keep_cols = keep_cols.to(w.device)
-    g_mm = g[keep_cols][:, keep_cols]
+    moment = g if cross is None else cross.to(device=w.device, dtype=torch.float64)
+    return g[keep_cols][:, keep_cols], w @ moment[keep_cols].T  # |M| x |M|, m x |M|
+
+
+def solve_kept(g_mm: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """W* with W* (G[M, M] + delta I) = rhs, delta = damp * mean(diag G[M, M]); None as in ``restore``."""
     delta = damp * g_mm.diagonal().mean()
-    g_mm = g_mm + delta * torch.eye(len(keep_cols), dtype=g.dtype, device=g.device)
-    chol, info = torch.linalg.cholesky_ex(g_mm)
+    chol, info = torch.linalg.cholesky_ex(g_mm + delta * torch.eye(len(g_mm), dtype=g_mm.dtype, device=g_mm.device))
     if int(info) != 0:
         return None
-    moment = g if cross is None else cross.to(device=w.device, dtype=torch.float64)
-    rhs = w @ moment[keep_cols].T  # m x |M|
     # W* G_MM = rhs  <=>  G_MM W*^T = rhs^T  (G_MM symmetric)
     restored = torch.cholesky_solve(rhs.T, chol).T
     return restored if torch.isfinite(restored).all() else None
@@ -130,10 +139,13 @@ def choose_damp(weight: torch.Tensor, folds: list[Stats], keep_cols: torch.Tenso
         >>> choose_damp(w, folds, torch.arange(4)) in DAMP_CANDIDATES
         True
     """
+    # The solve's operands do not depend on the damping: gathered once per fold, not per candidate.
+    moments = [kept_moments(weight, fit.gram, keep_cols, fit.cross) for fit in folds]
+
     def held_out_error(damp: float) -> float:
         total = 0.0
-        for fit, check in ((folds[0], folds[1]), (folds[1], folds[0])):
-            restored = restore(weight, fit.gram, keep_cols, damp, fit.cross)
+        for (g_mm, rhs), check in ((moments[0], folds[1]), (moments[1], folds[0])):
+            restored = solve_kept(g_mm, rhs, damp)
             if restored is None:
                 return float("inf")
             full = torch.zeros(weight.shape, dtype=torch.float64, device=restored.device)

@@ -83,8 +83,10 @@ def select_obs(weight: torch.Tensor, gram: torch.Tensor, col_unit: torch.Tensor,
         drop = unit_cols[take].flatten()
         # Remove the chosen columns and restore the rest (the OBS update), then forget them in G^-1.
         h_dd_inv = torch.linalg.inv(hinv[drop][:, drop])
-        w -= w[:, drop] @ h_dd_inv @ hinv[drop]
-        hinv -= hinv[:, drop] @ h_dd_inv @ hinv[drop]
+        h_d = hinv[drop]
+        # in place (addmm_): a temporary n x n product and a separate subtraction took half the time
+        w.addmm_(w[:, drop] @ h_dd_inv, h_d, alpha=-1)
+        hinv.addmm_(hinv[:, drop] @ h_dd_inv, h_d, alpha=-1)
         w[:, drop] = 0
         hinv[drop] = 0
         hinv[:, drop] = 0
