@@ -52,6 +52,8 @@ METHODS: dict[str, tuple[dict, str]] = {
     # the row is named after that number (mlp+damp-auto+distill64)
     "paper+distill": ({"distill": True}, ""),
     "mlp+damp-auto+distill": ({"structure": "mlp", "damp": "auto", "distill": True}, "--structure mlp --damp auto"),
+    "mlp+obs+damp-auto+distill": ({"structure": "mlp", "selection": "obs", "damp": "auto", "distill": True},
+                                  "--structure mlp --selection obs --damp auto"),
 }
 
 
@@ -80,9 +82,12 @@ def dense_forward_seconds(model, calib_ids: torch.Tensor, dtype: torch.dtype) ->
               help="Calibration windows the +distill methods distil on.")
 @click.option("--distill-lr", type=float, default=1e-4, show_default=True,
               help="Peak learning rate of the +distill methods; rows with another than 1e-4 are named after it.")
+@click.option("--distill-step-tokens", type=int, default=512, show_default=True,
+              help="Tokens per distillation step; rows with another than 2048 (one step per window, the only "
+                   "choice before) are named after it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON results (appended per row).")
 def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windows, sparsities, methods, dtype,
-         distill_samples, distill_lr, out):
+         distill_samples, distill_lr, distill_step_tokens, out):
     """Run the sweep and print a Markdown table; results land in --out as they come."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,16 +122,20 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
         for name in methods.split(","):
             kwargs, flags = METHODS[name]
             lr_tag = "" if distill_lr == 1e-4 else f"-lr{distill_lr:g}"
-            row_name = name.replace("+distill", f"+distill{distill_samples}{lr_tag}") if kwargs.get("distill") else name
+            step_tag = "" if distill_step_tokens == 2048 else f"-step{distill_step_tokens}"
+            row_name = (name.replace("+distill", f"+distill{distill_samples}{lr_tag}{step_tag}")
+                        if kwargs.get("distill") else name)
             if (row_name, s) in done:
                 continue
             model = copy.deepcopy(master)
             report = prune(model, calib_ids, s, dtype=fwd, **{k: v for k, v in kwargs.items() if k != "distill"})
             seconds, distilled = report.seconds, None
             if kwargs.get("distill"):
-                distilled = distill(model, master, calib_ids, distill_samples, lr=distill_lr, dtype=fwd).to_dict()
+                distilled = distill(model, master, calib_ids, distill_samples, lr=distill_lr,
+                                    step_tokens=distill_step_tokens, dtype=fwd).to_dict()
                 seconds += distilled["seconds"]
-                flags = f"{flags} --distill {distill_samples}" + (f" --distill-lr {distill_lr:g}" if lr_tag else "")
+                flags = (f"{flags} --distill {distill_samples}" + (f" --distill-lr {distill_lr:g}" if lr_tag else "")
+                         + f" --distill-step-tokens {distill_step_tokens}")
             row = {"method": row_name, "sparsity": s, "ppl": ppl(model), "seconds": seconds,
                    "prune_seconds": report.seconds, "distill": distilled,
                    "removed_fraction": report.removed_fraction, "n_remove": report.n_remove,

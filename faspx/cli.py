@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import torch
 
+from faspx.distill import STEP_TOKENS
 from faspx.errors import FaspxError, UsageError
 
 log = logging.getLogger("faspx")
@@ -102,9 +103,11 @@ def prune_options(fn):
                           "LlamaForCausalLM (transformers needs trust_remote_code=True); --target hf only."),
         click.option("--distill", type=click.IntRange(min=0), default=0, show_default=True,
                      help="After pruning, distil from the dense model on the first N calibration windows "
-                          "(one AdamW step each; needs the whole model twice on the device)."),
+                          "(AdamW steps of --distill-step-tokens tokens; needs the whole model twice on the device)."),
         click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
                      help="Peak learning rate of --distill (decays linearly to 0)."),
+        click.option("--distill-step-tokens", type=click.IntRange(min=1), default=STEP_TOKENS, show_default=True,
+                     help="Tokens per --distill step: each window is cut into pieces this long."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
                      help="Forward dtype while pruning: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
@@ -118,7 +121,8 @@ def prune_options(fn):
 
 def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsamples: int, seqlen: int,
               no_restore: bool, damp: str, selection: str, restore_target: str, bias: bool, no_guard: bool,
-              ffn_widths: str, distill: int, distill_lr: float, device: str, dtype: str, seed: int, progress: bool):
+              ffn_widths: str, distill: int, distill_lr: float, distill_step_tokens: int, device: str, dtype: str,
+              seed: int, progress: bool):
     """Check the input, load the model, calibrate and prune. Returns (model, tokenizer, fasp_json)."""
     from faspx.budget import plan
     from faspx.data import calibration_ids
@@ -156,8 +160,8 @@ def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsam
     distilled = None
     if distill:
         log.info("distilling from the dense model on %d calibration windows", distill)
-        distilled = run_distill(model, dense, calib_ids, distill, lr=distill_lr, device=dev, dtype=fwd_dtype,
-                                progress=progress).to_dict()
+        distilled = run_distill(model, dense, calib_ids, distill, lr=distill_lr, step_tokens=distill_step_tokens,
+                                device=dev, dtype=fwd_dtype, progress=progress).to_dict()
         del dense
     info = provenance(
         source_model=model_name, revision=revision(model), architecture=adapter.family,

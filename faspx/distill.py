@@ -28,6 +28,10 @@ log = logging.getLogger("faspx")
 
 # Windows after the distilled ones that check the result (kept only if their KL fell).
 HELD_OUT = 4
+# Tokens per optimizer step: each window is cut into pieces this long, so the same tokens give more
+# updates. On SmolLM2-135M at s = 0.2 (128 x 2048 calibration, 16 windows) steps of 512 gave ppl 33.87
+# against 34.85 for one step per 2048-token window, in a little less time; 256 was worse (README, Accuracy).
+STEP_TOKENS = 512
 
 
 @dataclass
@@ -36,6 +40,8 @@ class DistillReport:
 
     samples: int
     lr: float
+    step_tokens: int = STEP_TOKENS
+    steps: int = 0
     seconds: float = 0.0
     kl_first: float = 0.0
     kl_last: float = 0.0
@@ -134,11 +140,12 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def distill(student: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, samples: int, *,
-            lr: float = 1e-4, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            progress: bool = True) -> DistillReport:
+            lr: float = 1e-4, step_tokens: int = STEP_TOKENS, device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.float32, progress: bool = True) -> DistillReport:
     """Train ``student`` in place to match ``teacher``'s next-token distributions on calibration windows.
 
-    One AdamW step per window on the first ``samples`` rows of ``calib_ids``, the learning rate
+    The first ``samples`` rows of ``calib_ids`` are cut into pieces of ``step_tokens`` tokens (a
+    shorter last piece where the window does not divide), one AdamW step per piece, the learning rate
     decaying linearly from ``lr`` to 0; the forwards run in ``dtype`` (autocast), the weights and the
     optimizer stay float32. Up to HELD_OUT windows after those check the result: where their KL did
     not fall, the weights before distillation are put back. ``teacher``'s weights are not changed.
@@ -153,7 +160,10 @@ def distill(student: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, sam
     """
     if not 1 <= samples <= calib_ids.shape[0]:
         raise UsageError(f"--distill must be between 1 and --nsamples ({calib_ids.shape[0]}), got {samples}")
-    report = DistillReport(samples=samples, lr=lr)
+    if step_tokens < 1:
+        raise UsageError(f"--distill-step-tokens must be at least 1, got {step_tokens}")
+    pieces = [piece for window in calib_ids[:samples] for piece in window.split(step_tokens)]
+    report = DistillReport(samples=samples, lr=lr, step_tokens=step_tokens, steps=len(pieces))
     device = torch.device(device)
     start = time.perf_counter()
     home = next(student.parameters()).device
@@ -202,9 +212,9 @@ def distill(student: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, sam
         p.requires_grad_(id(p) in chosen)
     # fused: one kernel for all parameters (0.08 s a step here for 107M float32 parameters, 0.30 s unfused)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / samples)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(pieces))
     losses = []
-    bar = tqdm(calib_ids[:samples], desc="distilling", unit="window", disable=not progress)
+    bar = tqdm(pieces, desc="distilling", unit="step", disable=not progress)
     try:
         for x in bar:
             x = x.unsqueeze(0).to(device)
@@ -233,7 +243,7 @@ def distill(student: nn.Module, teacher: nn.Module, calib_ids: torch.Tensor, sam
         log.info("no calibration windows left after the %d distilled: the result is not checked held out", samples)
     student.to(home)
     report.seconds = time.perf_counter() - start
-    log.info("distilled on %d windows in %.0fs: KL %.4g -> %.4g%s", samples, report.seconds, report.kl_first,
-             report.kl_last, "" if not report.held_out else
+    log.info("distilled on %d windows (%d steps) in %.0fs: KL %.4g -> %.4g%s", samples, len(pieces), report.seconds,
+             report.kl_first, report.kl_last, "" if not report.held_out else
              f", held out {report.kl_held_out_before:.4g} -> {report.kl_held_out_after:.4g}")
     return report

@@ -43,10 +43,13 @@ def test_prune_writes_a_stock_directory_with_provenance(model_dir, text_file, tm
 
 def test_prune_with_distill_records_it(model_dir, text_file, tmp_path):
     out = tmp_path / "pruned"
-    code, output = run(*prune_args(model_dir, text_file, out, "--distill", "2", "--distill-lr", "1e-5"))
+    code, output = run(*prune_args(model_dir, text_file, out, "--distill", "2", "--distill-lr", "1e-5",
+                                   "--distill-step-tokens", "5"))
     assert code == 0, output
-    info = json.loads((out / "fasp.json").read_text())["distill"]
+    fasp = json.loads((out / "fasp.json").read_text())
+    info = fasp["distill"]
     assert info["samples"] == 2 and info["lr"] == 1e-5 and info["held_out"] == 2
+    assert info["step_tokens"] == 5 and info["steps"] == 2 * -(-fasp["calibration"]["seqlen"] // 5)
     assert info["kl_held_out_before"] > 0
 
 

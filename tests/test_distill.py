@@ -109,6 +109,28 @@ def test_distill_checks_the_number_of_windows():
         distill(model, model, calib(4, 16), 5, progress=False)
 
 
+def test_steps_of_fewer_tokens_are_steps_on_the_pieces_of_each_window():
+    # Two 32-token windows in steps of 16 tokens train exactly as four 16-token windows, one step each.
+    teacher = sharp(tiny_model("llama"))
+    ids = calib(2, 32, seed=5)
+    split, whole = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    for student in (split, whole):
+        prune(student, ids, 0.3, structure="mlp", restore_weights=False, progress=False)
+    report = distill(split, teacher, ids, 2, lr=1e-3, step_tokens=16, progress=False)
+    pieces = distill(whole, teacher, ids.reshape(4, 16), 4, lr=1e-3, step_tokens=16, progress=False)
+    assert report.steps == pieces.steps == 4 and report.step_tokens == 16
+    assert report.kl_first == pytest.approx(pieces.kl_first) and report.kl_last == pytest.approx(pieces.kl_last)
+    assert all(torch.allclose(a, b) for a, b in zip(split.parameters(), whole.parameters(), strict=True))
+    # A window that the step length does not divide ends in a shorter step.
+    assert distill(copy.deepcopy(split), teacher, ids, 2, step_tokens=20, progress=False).steps == 4
+
+
+def test_distill_checks_the_step_length():
+    model = tiny_model("llama")
+    with pytest.raises(UsageError, match="at least 1"):
+        distill(model, model, calib(4, 16), 2, step_tokens=0, progress=False)
+
+
 def test_distilling_every_window_leaves_nothing_to_check():
     teacher = sharp(tiny_model("llama"))
     student = copy.deepcopy(teacher)
