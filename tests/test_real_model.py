@@ -18,7 +18,7 @@ from faspx.prune import prune
 from tests.conftest import SHARED
 
 pytestmark = pytest.mark.slow
-BEST = {"structure": "mlp", "damp": "auto"}  # the best stock method in benchmarks/accuracy.py
+BEST = {"structure": "mlp", "damp": "auto", "selection": "obs"}  # the best stock method in benchmarks/accuracy.py
 DISTILL = 16  # calibration windows of --distill
 
 
