@@ -300,3 +300,20 @@ def test_gram_of_bfloat16_values_is_as_accurate_as_float32():
         gram = x.T @ x
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     assert float((gram.double() - exact).abs().max() / exact.abs().max()) < 2e-6
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_the_best_one_shot_options_are_no_worse_than_the_paper_on_held_out_tokens(kind):
+    """Issue 6: on OPT the best faspx method must not be worse than the paper's FASP. The one-shot part
+    of it on a model not measured (structure auto, OBS selection, damping by measurement), on tokens
+    that calibration did not see."""
+    ids, held_out = calib(16, 32), calib(8, 32, seed=50)
+    ref = tiny_model(kind)(held_out).logits
+    errors = {}
+    for name, options in (("paper", {}), ("best", {"structure": "auto", "selection": "obs", "damp": "auto"})):
+        model = tiny_model(kind)
+        prune(model, ids, 0.3, progress=False, **options)
+        errors[name] = float(((model(held_out).logits - ref) ** 2).mean())
+    # (measured: tiny OPT 4.94e-4 vs 4.96e-4, a near tie, the equal split winning there; tiny LLaMA 10x lower)
+    assert errors["best"] <= errors["paper"]
