@@ -21,6 +21,8 @@ from pathlib import Path
 import click
 import torch
 
+from faspx.distill import STEP_TOKENS
+
 # name -> (prune() keyword arguments, the matching `faspx prune` flags)
 METHODS: dict[str, tuple[dict, str]] = {
     "paper": ({}, ""),
@@ -82,7 +84,7 @@ def dense_forward_seconds(model, calib_ids: torch.Tensor, dtype: torch.dtype) ->
               help="Calibration windows the +distill methods distil on.")
 @click.option("--distill-lr", type=float, default=1e-4, show_default=True,
               help="Peak learning rate of the +distill methods; rows with another than 1e-4 are named after it.")
-@click.option("--distill-step-tokens", type=int, default=512, show_default=True,
+@click.option("--distill-step-tokens", type=int, default=STEP_TOKENS, show_default=True,
               help="Tokens per distillation step; rows with another than 2048 (one step per window, the only "
                    "choice before) are named after it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON results (appended per row).")

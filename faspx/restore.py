@@ -85,7 +85,13 @@ def restore(
 def kept_moments(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor,
                  cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """G[M, M] and the right-hand side W moment[M, :]^T of ``restore``'s solve (float64); they do
-    not depend on the damping, so ``choose_damp`` computes them once per fold."""
+    not depend on the damping, so ``choose_damp`` computes them once per fold.
+
+    Example:
+        >>> w = torch.randn(3, 4, dtype=torch.float64); g = torch.eye(4, dtype=torch.float64)
+        >>> [tuple(t.shape) for t in kept_moments(w, g, torch.tensor([0, 2]))]
+        [(2, 2), (3, 2)]
+    """
     w = weight.to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     keep_cols = keep_cols.to(w.device)
@@ -94,7 +100,13 @@ def kept_moments(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tens
 
 
 def solve_kept(g_mm: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor | None:
-    """W* with W* (G[M, M] + delta I) = rhs, delta = damp * mean(diag G[M, M]); None as in ``restore``."""
+    """W* with W* (G[M, M] + delta I) = rhs, delta = damp * mean(diag G[M, M]); None as in ``restore``.
+
+    Example:
+        >>> g_mm = 2 * torch.eye(2, dtype=torch.float64); rhs = torch.ones(1, 2, dtype=torch.float64)
+        >>> solve_kept(g_mm, rhs, damp=0.0).round(decimals=6).tolist()
+        [[0.5, 0.5]]
+    """
     delta = damp * g_mm.diagonal().mean()
     chol, info = torch.linalg.cholesky_ex(g_mm + delta * torch.eye(len(g_mm), dtype=g_mm.dtype, device=g_mm.device))
     if int(info) != 0:
