@@ -7,6 +7,6 @@ KV cache, disk, RSS and CUDA peaks), ``backends`` (torch, onnxruntime, vLLM runn
 perplexity sweep over pruning methods.
 
 Example:
-    >>> from benchmarks.run import run_bench
+    >>> from faspx.benchmarks.run import run_bench
     >>> report = run_bench("dense_dir", "build_out", backends=("torch",), out="bench_out")  # doctest: +SKIP
 """

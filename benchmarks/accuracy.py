@@ -1,14 +1,13 @@
-"""Accuracy sweep: perplexity of every pruning method at several sparsities, with timings.
+"""Accuracy sweep: perplexity of recipes at several sparsities, with timings.
 
-Reproduces the reference table of issue 6 (paper FASP, structured Wanda, the MLP-only structure)
-and adds a row per faspx option and their combination. Each row records the `faspx prune` command
-that reproduces it. The model is loaded once; each row prunes a fresh copy.
+Each row prunes a fresh copy of the model (loaded once) with a recipe (a preset of faspx.recipes, with
+``--set FIELD=VALUE`` overrides applied to every row), distils where the recipe says so, and records
+the `faspx prune` command that reproduces it.
 
-Example (the reduced settings that fit a 2-core machine; the paper's are 128 x 2048 and all windows):
-    python -m benchmarks.accuracy --model ~/.cache/faspx/smollm2-135m \\
+Example (the reference settings: 128 x 2048 C4 calibration, all 148 WikiText-2 windows, bf16):
+    python -m faspx.benchmarks.accuracy --model ~/.cache/faspx/smollm2-135m \\
         --calib ../shared/data/c4-validation-2k.parquet --eval ../shared/data/wikitext2-raw-v1-test.parquet \\
-        --nsamples 32 --seqlen 2048 --max-windows 40 --sparsities 0.2 --methods paper,wanda,mlp,best \\
-        --out out/accuracy.json
+        --sparsities 0.2,0.3 --recipes paper,wanda,fast,quality,max --out benchmarks/results/recipes.json
 """
 
 from __future__ import annotations
@@ -21,43 +20,6 @@ from pathlib import Path
 import click
 import torch
 
-from faspx.distill import STEP_TOKENS
-
-# name -> (prune() keyword arguments, the matching `faspx prune` flags)
-METHODS: dict[str, tuple[dict, str]] = {
-    "paper": ({}, ""),
-    "paper-noguard": ({"guard": False}, "--no-guard"),
-    "wanda": ({"restore_weights": False}, "--no-restore"),
-    "mlp": ({"structure": "mlp"}, "--structure mlp"),
-    "damp1e-3": ({"damp": 1e-3}, "--damp 0.001"),
-    "damp-auto": ({"damp": "auto"}, "--damp auto"),
-    "obs": ({"selection": "obs"}, "--selection obs"),
-    "dense-target": ({"target": "dense"}, "--restore-target dense"),
-    "mlp+obs": ({"structure": "mlp", "selection": "obs"}, "--structure mlp --selection obs"),
-    "mlp+dense-target": ({"structure": "mlp", "target": "dense"}, "--structure mlp --restore-target dense"),
-    "mlp+damp-auto": ({"structure": "mlp", "damp": "auto"}, "--structure mlp --damp auto"),
-    "mlp+obs+damp-auto": ({"structure": "mlp", "selection": "obs", "damp": "auto"},
-                          "--structure mlp --selection obs --damp auto"),
-    "mlp+bias": ({"structure": "mlp", "bias": True}, "--structure mlp --bias"),
-    "mlp+damp-auto+bias": ({"structure": "mlp", "damp": "auto", "bias": True}, "--structure mlp --damp auto --bias"),
-    "auto": ({"structure": "auto"}, "--structure auto"),
-    "auto+damp-auto": ({"structure": "auto", "damp": "auto"}, "--structure auto --damp auto"),
-    "all": ({"structure": "mlp", "selection": "obs", "target": "dense", "damp": "auto", "bias": True},
-            "--structure mlp --selection obs --restore-target dense --damp auto --bias"),
-    # per-layer FFN widths (nemotron-nas export, not stock transformers)
-    "per-layer": ({"ffn_widths": "per-layer"}, "--ffn-widths per-layer"),
-    "mlp+damp-auto+per-layer": ({"structure": "mlp", "damp": "auto", "ffn_widths": "per-layer"},
-                                "--structure mlp --damp auto --ffn-widths per-layer"),
-    "mlp+damp-auto+per-layer+distill": ({"structure": "mlp", "damp": "auto", "ffn_widths": "per-layer",
-                                         "distill": True}, "--structure mlp --damp auto --ffn-widths per-layer"),
-    # "distill": then distil from the dense model on --distill-samples calibration windows (faspx.distill);
-    # the row is named after that number (mlp+damp-auto+distill64)
-    "paper+distill": ({"distill": True}, ""),
-    "mlp+damp-auto+distill": ({"structure": "mlp", "damp": "auto", "distill": True}, "--structure mlp --damp auto"),
-    "mlp+obs+damp-auto+distill": ({"structure": "mlp", "selection": "obs", "damp": "auto", "distill": True},
-                                  "--structure mlp --selection obs --damp auto"),
-}
-
 
 def dense_forward_seconds(model, calib_ids: torch.Tensor, dtype: torch.dtype) -> float:
     """Wall time of one dense forward over all calibration tokens: the floor a pruning pass can't beat."""
@@ -69,6 +31,44 @@ def dense_forward_seconds(model, calib_ids: torch.Tensor, dtype: torch.dtype) ->
     return time.perf_counter() - start
 
 
+def parse_overrides(values: tuple[str, ...]) -> dict:
+    """``FIELD=VALUE`` pairs as recipe overrides (values parsed as JSON where they can be: 0, 1e-4, true).
+
+    Example:
+        >>> parse_overrides(("distill=0", "damp=auto"))
+        {'distill': 0, 'damp': 'auto'}
+    """
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cli_flags(recipe) -> str:
+    """The `faspx prune` flags that give ``recipe``: --recipe PRESET and the fields that differ from it."""
+    from faspx.recipes import PRESETS
+
+    base_name = recipe.name.split("+")[0]
+    base = PRESETS.get(base_name)
+    if base is None:
+        return "--recipe RECIPE.yaml"
+    flags = [f"--recipe {base_name}"]
+    for field, value in recipe.to_dict().items():
+        if field == "name" or getattr(base, field) == value:
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{'' if value else 'no-'}{field.replace('_', '-')}")
+        else:
+            flags.append(f"--{field.replace('_', '-')} {value}")
+    return " ".join(flags)
+
+
 @click.command()
 @click.option("--model", "model_dir", required=True)
 @click.option("--calib", required=True)
@@ -77,19 +77,14 @@ def dense_forward_seconds(model, calib_ids: torch.Tensor, dtype: torch.dtype) ->
 @click.option("--seqlen", type=int, default=2048)
 @click.option("--eval-seqlen", type=int, default=2048)
 @click.option("--max-windows", type=int, default=None)
-@click.option("--sparsities", default="0.1,0.2,0.3")
-@click.option("--methods", default=",".join(METHODS))
+@click.option("--sparsities", default="0.2,0.3")
+@click.option("--recipes", "recipe_names", default="paper,wanda,fast,quality,max", show_default=True,
+              help="Comma-separated presets (faspx.recipes).")
+@click.option("--set", "overrides", multiple=True, help="FIELD=VALUE override of every recipe (repeatable).")
 @click.option("--dtype", default="bfloat16", help="Forward dtype while pruning and evaluating.")
-@click.option("--distill-samples", type=int, default=32, show_default=True,
-              help="Calibration windows the +distill methods distil on.")
-@click.option("--distill-lr", type=float, default=1e-4, show_default=True,
-              help="Peak learning rate of the +distill methods; rows with another than 1e-4 are named after it.")
-@click.option("--distill-step-tokens", type=int, default=STEP_TOKENS, show_default=True,
-              help="Tokens per distillation step; rows with another than 2048 (one step per window, the only "
-                   "choice before) are named after it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON results (appended per row).")
-def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windows, sparsities, methods, dtype,
-         distill_samples, distill_lr, distill_step_tokens, out):
+def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windows, sparsities, recipe_names,
+         overrides, dtype, out):
     """Run the sweep and print a Markdown table; results land in --out as they come."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +92,9 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
     from faspx.distill import distill
     from faspx.eval import perplexity
     from faspx.prune import prune, resolve_dtype
+    from faspx.recipes import get_recipe
 
+    recipes = [get_recipe(name, **parse_overrides(overrides)) for name in recipe_names.split(",")]
     fwd = resolve_dtype(dtype, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     master = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -121,29 +118,23 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
         results["rows"].append({"method": "dense", "sparsity": 0.0, "ppl": ppl(master), "seconds": 0.0})
         save()
     for s in (float(x) for x in sparsities.split(",")):
-        for name in methods.split(","):
-            kwargs, flags = METHODS[name]
-            lr_tag = "" if distill_lr == 1e-4 else f"-lr{distill_lr:g}"
-            step_tag = "" if distill_step_tokens == 2048 else f"-step{distill_step_tokens}"
-            row_name = (name.replace("+distill", f"+distill{distill_samples}{lr_tag}{step_tag}")
-                        if kwargs.get("distill") else name)
-            if (row_name, s) in done:
+        for recipe in recipes:
+            if (recipe.name, s) in done:
                 continue
             model = copy.deepcopy(master)
-            report = prune(model, calib_ids, s, dtype=fwd, **{k: v for k, v in kwargs.items() if k != "distill"})
+            report = prune(model, calib_ids, s, recipe, dtype=fwd)
             seconds, distilled = report.seconds, None
-            if kwargs.get("distill"):
-                distilled = distill(model, master, calib_ids, distill_samples, lr=distill_lr,
-                                    step_tokens=distill_step_tokens, dtype=fwd).to_dict()
+            if recipe.distill:
+                distilled = distill(model, master, calib_ids, recipe.distill, lr=recipe.distill_lr,
+                                    step_tokens=recipe.distill_step_tokens, dtype=fwd).to_dict()
                 seconds += distilled["seconds"]
-                flags = (f"{flags} --distill {distill_samples}" + (f" --distill-lr {distill_lr:g}" if lr_tag else "")
-                         + f" --distill-step-tokens {distill_step_tokens}")
-            row = {"method": row_name, "sparsity": s, "ppl": ppl(model), "seconds": seconds,
-                   "prune_seconds": report.seconds, "distill": distilled,
-                   "removed_fraction": report.removed_fraction, "n_remove": report.n_remove,
+            row = {"method": recipe.name, "sparsity": s, "ppl": ppl(model), "seconds": seconds,
+                   "prune_seconds": report.seconds, "distill": distilled, "recipe": recipe.to_dict(),
+                   "removed_fraction": report.removed_fraction, "n_remove": report.n_remove, "form": report.form,
                    "splits": report.splits, "layer_widths": report.layer_widths,
                    "command": f"faspx prune --model {model_dir} --sparsity {s} --calib {calib} "
-                              f"--nsamples {nsamples} --seqlen {seqlen} --dtype {dtype} {flags} --out OUT".strip()}
+                              f"--nsamples {nsamples} --seqlen {seqlen} --dtype {dtype} {cli_flags(recipe)} "
+                              "--out OUT"}
             results["rows"].append(row)
             save()
             print(json.dumps(row), flush=True)

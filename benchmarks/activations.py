@@ -7,7 +7,7 @@ pair, the share of tr(G) that the first tokens carry, max/mean of diag G, and ho
 90 % of the first tokens' energy.
 
 Example:
-    python -m benchmarks.activations --model ~/.cache/faspx/smollm2-135m \\
+    python -m faspx.benchmarks.activations --model ~/.cache/faspx/smollm2-135m \\
         --calib ../shared/data/c4-validation-2k.parquet --nsamples 8 --seqlen 512
 """
 

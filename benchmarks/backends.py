@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.timing import Sample, time_generation
+from faspx.benchmarks.timing import Sample, time_generation
 from faspx.models import cache_keyword, returned_cache
 
 BACKENDS = ("torch", "onnxruntime", "vllm")
@@ -98,11 +98,11 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """onnxruntime on the exported graph (``exporters.ort_runtime.OnnxDecoder``): the CPU provider, or
+    """onnxruntime on the exported graph (``faspx.exporters.ort_runtime.OnnxDecoder``): the CPU provider, or
     CUDA with onnxruntime-gpu. The KV cache stays in onnxruntime between steps; logits come to the host."""
 
     def __init__(self, onnx_dir: Path, device: str):
-        from exporters.ort_runtime import OnnxDecoder
+        from faspx.exporters.ort_runtime import OnnxDecoder
 
         self.device = device
         self.decoder = OnnxDecoder(onnx_dir, device=device)

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from faspx.errors import UsageError
+from faspx.outputs import FaspInfo
 
 log = logging.getLogger("faspx")
 
@@ -41,15 +42,15 @@ def variant_dirs(dense: Path, pruned: Path) -> dict[str, dict[str, Path | None]]
 def onnx_settings(root: Path, onnx_dir: Path) -> dict:
     """How an existing export was made: {'fp16', 'opset', 'exporter'}, from the build's ``fasp.json``
     (``exports.onnx``) where there is one, else from the export's ``config.json`` dtype and defaults."""
-    from exporters.onnx import DEFAULT_OPSET
+    from faspx.exporters.onnx import DEFAULT_OPSET
 
     settings = {"fp16": False, "opset": DEFAULT_OPSET, "exporter": "auto"}
     config = onnx_dir / "config.json"
     if config.exists():
         settings["fp16"] = json.loads(config.read_text()).get("dtype") == "float16"
-    info = root / "fasp.json"
-    if info.exists():
-        export = (json.loads(info.read_text()).get("exports") or {}).get("onnx") or {}
+    info = FaspInfo.of_dir(root)
+    if info is not None:
+        export = info.exports.get("onnx") or {}
         if export.get("dtype"):
             settings["fp16"] = export["dtype"] == "float16"
         settings["opset"] = int(export.get("opset") or settings["opset"])
@@ -64,7 +65,7 @@ def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exporters.onnx import export_onnx, validate_onnx
+    from faspx.exporters.onnx import export_onnx, validate_onnx
     from faspx.outputs import atomic_dir
 
     stamp = [str(hf_dir.resolve())] + [f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks import memory
-from benchmarks.backends import BACKENDS, load_runner, ort_device, unavailable
-from benchmarks.environment import environment
-from benchmarks.inputs import export_for_bench, onnx_settings, variant_dirs
-from benchmarks.timing import figures, interleave, ratios
+from faspx.benchmarks import memory
+from faspx.benchmarks.backends import BACKENDS, load_runner, ort_device, unavailable
+from faspx.benchmarks.environment import environment
+from faspx.benchmarks.inputs import export_for_bench, onnx_settings, variant_dirs
+from faspx.benchmarks.timing import figures, interleave, ratios
 from faspx.errors import UsageError
 
 log = logging.getLogger("faspx")
@@ -176,7 +176,7 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     if eval:
         report["perplexity"] = perplexities(dirs, tuple(eval_datasets), max_windows, dev, progress)
     if out is not None:
-        from benchmarks.report import write_report
+        from faspx.benchmarks.report import write_report
 
         with atomic_dir(out, force) as tmp:
             write_report(report, tmp)

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from faspx.errors import FaspxError, UsageError
-from faspx.outputs import write_json
+from faspx.outputs import FaspInfo, write_json
 
 log = logging.getLogger("faspx")
 
@@ -84,7 +84,7 @@ def fix_saved_config(out_dir: Path, dtype: str) -> None:
     write_json(path, data)
 
 
-def write_side_files(model, tokenizer, out_dir: Path, fasp_info: dict | None) -> None:
+def write_side_files(model, tokenizer, out_dir: Path, fasp_info: FaspInfo | None) -> None:
     """generation_config.json, the tokenizer files and fasp.json (when given)."""
     from transformers import GenerationConfig
 
@@ -97,7 +97,7 @@ def write_side_files(model, tokenizer, out_dir: Path, fasp_info: dict | None) ->
     else:
         log.warning("no tokenizer given: %s has no tokenizer files", out_dir)
     if fasp_info is not None:
-        write_json(out_dir / "fasp.json", fasp_info)
+        fasp_info.write(out_dir / "fasp.json")
 
 
 def dir_summary(out_dir: Path) -> dict:

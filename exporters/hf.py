@@ -9,7 +9,7 @@ written in the nemotron-nas (DeciLM) form that vLLM serves (``block_configs``, `
 with the two small code files of exporters/decilm that transformers loads with ``trust_remote_code=True``.
 
 Example:
-    >>> from exporters import export_hf
+    >>> from faspx.exporters import export_hf
     >>> summary = export_hf(model, tokenizer, Path("out/hf"), fasp_info)  # doctest: +SKIP
 """
 
@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exporters.decilm import AUTO_MAP, CODE_FILES
-from exporters.files import (
+from faspx.adapters import adapter_for
+from faspx.errors import FaspxError, UsageError
+from faspx.exporters.decilm import AUTO_MAP, CODE_FILES
+from faspx.exporters.files import (
     SIDE_FILES_BYTES,
     check_disk,
     dir_summary,
@@ -32,9 +34,7 @@ from exporters.files import (
     fix_saved_config,
     write_side_files,
 )
-from faspx.adapters import adapter_for
-from faspx.errors import UsageError
-from faspx.outputs import write_json
+from faspx.outputs import FaspInfo, write_json
 from faspx.widths import block_configs
 
 log = logging.getLogger("faspx")
@@ -87,16 +87,17 @@ def converted_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torc
     return out
 
 
-def export_hf(model: nn.Module, tokenizer, out_dir: Path, fasp_info: dict | None = None,
+def export_hf(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo | None = None,
               dtype: str | torch.dtype = "float32") -> dict:
-    """Write ``model`` as a stock HF checkpoint into ``out_dir`` and return {dir, files, bytes, dtype}.
+    """Write ``model`` as an HF checkpoint into ``out_dir``; return {dir, files, bytes, dtype, form}.
 
     Files: ``model.safetensors`` (``model-0000i-of-0000n.safetensors`` + index above 5 GB),
     ``config.json``, ``generation_config.json``, the tokenizer files and ``fasp.json`` (when
-    ``fasp_info`` is given). ``dtype`` (float32, float16, bfloat16 or auto) is the dtype of the saved
-    weights; the model in memory is not changed. ``out_dir`` may exist (e.g. the temporary directory
-    of ``faspx.outputs.atomic_dir``); a FaspxError is raised before anything is written when the
-    disk is too small.
+    ``fasp_info`` is given: its ``form`` decides stock or nemotron-nas; stock without it).
+    ``dtype`` (float32, float16, bfloat16 or auto) is the dtype of the saved weights; the model in
+    memory is not changed. ``out_dir`` may exist (e.g. the temporary directory of
+    ``faspx.outputs.atomic_dir``); a FaspxError is raised before anything is written when the disk
+    is too small.
     """
     if not type(model).__module__.startswith("transformers."):
         raise UsageError(f"{type(model).__name__} is not a stock transformers class: a stock export needs one")
@@ -113,12 +114,15 @@ def export_hf(model: nn.Module, tokenizer, out_dir: Path, fasp_info: dict | None
         # save_pretrained records the in-memory dtype in the config object; keep the model as it was.
         model.config.dtype = config_dtype
     fix_saved_config(out_dir, dtype_name(save_dtype))
+    form = fasp_info.form if fasp_info is not None else "stock"
     widths = adapter_for(model.config).ffn_widths(model)
-    per_layer = len(set(widths)) > 1
-    if per_layer:
+    if form == "nemotron-nas":
         write_nas_config(model, out_dir, widths)
+    elif len(set(widths)) > 1:
+        raise FaspxError(f"the layers have different FFN widths {sorted(set(widths))} but the output form is "
+                         f"{form!r}: only the nemotron-nas form can hold them")
     write_side_files(model, tokenizer, out_dir, fasp_info)
-    return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype), "form": "nemotron-nas" if per_layer else "stock"}
+    return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype), "form": form}
 
 
 def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int]) -> None:
@@ -135,3 +139,24 @@ def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int]) -> None
         shutil.copyfile(code, out_dir / code.name)
     log.warning("layers have different FFN widths: wrote the nemotron-nas (DeciLM) form, which vLLM serves and "
                 "transformers loads with trust_remote_code=True; stock LlamaForCausalLM cannot load it")
+
+
+def load_nas(directory: str | Path, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object]:
+    """Load a nemotron-nas checkpoint that faspx wrote (model, tokenizer), through its code files.
+
+    ``trust_remote_code`` runs the directory's code files, so they must be byte for byte the ones
+    faspx writes (a UsageError otherwise: faspx runs no code it did not ship).
+
+    Example:
+        >>> model, tokenizer = load_nas("out/max/hf")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory).expanduser()
+    foreign = [f.name for f in CODE_FILES if not (path / f.name).is_file() or
+               (path / f.name).read_bytes() != f.read_bytes()]
+    if foreign:
+        raise UsageError(f"{path} is marked nemotron-nas but its {', '.join(foreign)} are not the ones faspx writes; "
+                         "faspx will not run that code (load it yourself with trust_remote_code if you trust it)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True).eval()
+    return model, AutoTokenizer.from_pretrained(path)

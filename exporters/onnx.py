@@ -49,9 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, write_config, write_side_files
 from faspx.errors import FaspxError, UsageError
+from faspx.exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, write_config, write_side_files
 from faspx.models import cache_keyword, returned_cache
+from faspx.outputs import FaspInfo
 
 log = logging.getLogger("faspx")
 
@@ -204,7 +205,7 @@ def _export_torchscript(wrapper: KVDecoder, args: tuple, opset: int, path: Path,
     return external
 
 
-def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: dict | None = None, fp16: bool = False,
+def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo | None = None, fp16: bool = False,
                 opset: int = DEFAULT_OPSET, exporter: str = "auto", external_data: bool | None = None) -> dict:
     """Export ``model`` as ``out_dir/model.onnx`` (decoder with KV cache) plus config, tokenizer, fasp.json.
 
@@ -281,7 +282,7 @@ def validate_onnx(onnx_dir: str | Path, model: nn.Module, atol: float | None = N
     """
     from transformers import DynamicCache
 
-    from exporters.ort_runtime import OnnxDecoder, positions
+    from faspx.exporters.ort_runtime import OnnxDecoder, positions
 
     dec = OnnxDecoder(onnx_dir, device="cpu")
     if atol is None:

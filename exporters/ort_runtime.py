@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.files import require_model_dir
 from faspx.errors import UsageError
+from faspx.exporters.files import require_model_dir
 
 log = logging.getLogger("faspx")
 

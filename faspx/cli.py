@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from faspx.distill import STEP_TOKENS
-from faspx.errors import FaspxError, UsageError
+from faspx.errors import FaspxError
 
 log = logging.getLogger("faspx")
 
@@ -70,44 +68,44 @@ def main() -> None:
 
 
 def prune_options(fn):
-    """The pruning options shared by ``prune`` and ``build``."""
+    """The pruning options shared by ``prune`` and ``build``: the recipe, overrides of its fields, calibration."""
+    from faspx.recipes import DEFAULT, PRESETS
+
     options = [
         click.option("--model", "model_name", required=True, help="Hub id or local model directory."),
         click.option("--sparsity", type=float, required=True,
                      help="Fraction of the decoder's linear weights to remove."),
-        click.option("--structure", type=click.Choice(["fasp", "mlp", "auto"]), default="fasp", show_default=True,
-                     help="fasp: FFN + V/O pairs at one ratio (the paper); mlp: the whole budget in the FFN; "
-                          "auto: the attention/FFN split that moves the last layer's output least (measured)."),
+        click.option("--recipe", "recipe_spec", default=DEFAULT, show_default=True,
+                     help=f"How to prune: a preset ({', '.join(PRESETS)}; see `faspx recipes`), a .yaml/.json "
+                          f"recipe file, or a faspx output's fasp.json to repeat its run. The default, {DEFAULT}, is "
+                          "the best stock model faspx makes; --recipe paper is FASP as published."),
         click.option("--calib", default="wikitext2", show_default=True,
                      help="Calibration text: wikitext2, c4, or a .txt/.jsonl/.parquet file."),
         click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows."),
         click.option("--seqlen", type=int, default=2048, show_default=True,
                      help="Tokens per window (capped at the model's max positions)."),
-        click.option("--no-restore", is_flag=True, help="Skip the least-squares restoration (structured Wanda)."),
-        click.option("--damp", default="0.01", show_default=True,
-                     help="Restoration damping relative to mean(diag G[M,M]), or 'auto': chosen per matrix "
-                          "on held-out calibration samples."),
-        click.option("--selection", type=click.Choice(["wanda", "obs"]), default="wanda", show_default=True,
-                     help="wanda: the paper's score; obs: restoration-aware (structured OBS)."),
-        click.option("--restore-target", type=click.Choice(["pruned", "dense"]), default="pruned",
-                     show_default=True,
-                     help="Restore towards W X on the pruned model's inputs (paper) or the dense model's."),
-        click.option("--bias", is_flag=True,
-                     help="Bias-aware restoration: solve a bias shift with W* (OPT; LLaMA via its bias fields)."),
-        click.option("--no-guard", is_flag=True,
-                     help="Accept a restoration even where it raises the layer's error (the paper as written)."),
-        click.option("--ffn-widths", type=click.Choice(["uniform", "per-layer"]), default="uniform",
-                     show_default=True,
-                     help="per-layer (LLaMA, opt-in): share the FFN budget between layers by measured error, widths "
-                          "in steps of 256; written in the nemotron-nas form vLLM serves, NOT loadable by stock "
-                          "LlamaForCausalLM (transformers needs trust_remote_code=True); --target hf only."),
-        click.option("--distill", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="After pruning, distil from the dense model on the first N calibration windows "
-                          "(AdamW steps of --distill-step-tokens tokens; needs the whole model twice on the device)."),
-        click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-                     help="Peak learning rate of --distill (decays linearly to 0)."),
-        click.option("--distill-step-tokens", type=click.IntRange(min=1), default=STEP_TOKENS, show_default=True,
-                     help="Tokens per --distill step: each window is cut into pieces this long."),
+        click.option("--structure", type=click.Choice(["fasp", "mlp", "auto"]), default=None,
+                     help="Override: fasp (FFN + V/O pairs at one ratio), mlp (the whole budget in the FFN), "
+                          "auto (the split that moves the last layer's output least, measured)."),
+        click.option("--selection", type=click.Choice(["wanda", "obs"]), default=None,
+                     help="Override: wanda (the paper's score) or obs (restoration-aware, structured OBS)."),
+        click.option("--restore/--no-restore", default=None,
+                     help="Override: least-squares restoration on or off (off: structured Wanda)."),
+        click.option("--damp", default=None,
+                     help="Override: restoration damping relative to mean(diag G[M,M]), or 'auto' (per matrix, "
+                          "on held-out calibration samples)."),
+        click.option("--guard/--no-guard", default=None,
+                     help="Override: refuse a restoration that raises a layer's error (off: the paper as written)."),
+        click.option("--ffn-widths", type=click.Choice(["uniform", "per-layer"]), default=None,
+                     help="Override: per-layer (LLaMA) shares the FFN budget between layers, widths in steps of 256, "
+                          "written in the nemotron-nas form vLLM serves: NOT stock (--target hf only)."),
+        click.option("--distill", type=click.IntRange(min=0), default=None,
+                     help="Override: distil from the dense model on the first N calibration windows (0: none; "
+                          "needs the whole model twice on the device)."),
+        click.option("--distill-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Override: peak learning rate of the distillation (decays linearly to 0)."),
+        click.option("--distill-step-tokens", type=click.IntRange(min=1), default=None,
+                     help="Override: tokens per distillation step (each window is cut into pieces this long)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
                      help="Forward dtype while pruning: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
@@ -119,70 +117,30 @@ def prune_options(fn):
     return fn
 
 
-def run_prune(model_name: str, sparsity: float, structure: str, calib: str, nsamples: int, seqlen: int,
-              no_restore: bool, damp: str, selection: str, restore_target: str, bias: bool, no_guard: bool,
-              ffn_widths: str, distill: int, distill_lr: float, distill_step_tokens: int, device: str, dtype: str,
-              seed: int, progress: bool):
-    """Check the input, load the model, calibrate and prune. Returns (model, tokenizer, fasp_json)."""
-    from faspx.budget import plan
-    from faspx.data import calibration_ids
-    from faspx.distill import distill as run_distill
-    from faspx.models import load_config, load_model, meta_model, revision
-    from faspx.outputs import provenance
-    from faspx.prune import check_ffn_widths, prune, resolve_device, resolve_dtype
-
-    config, adapter = load_config(model_name)
-    # Cheap checks first: a bad sparsity must not cost a model load.
-    plan(meta_model(config), adapter, sparsity, structure)
-    check_ffn_widths(config, adapter, ffn_widths)
-    if damp != "auto":
-        try:
-            damp = float(damp)
-        except ValueError:
-            raise UsageError(f"--damp must be a number >= 0 or 'auto' (got {damp!r})") from None
-        if damp < 0:
-            raise UsageError(f"--damp must be >= 0 (got {damp})")
-    if distill > nsamples:
-        raise UsageError(f"--distill {distill} needs at least as many calibration windows (--nsamples {nsamples})")
-    dev = resolve_device(device)
-    fwd_dtype = resolve_dtype(dtype, dev)
-    seqlen = min(seqlen, getattr(config, "max_position_embeddings", seqlen))
-    log.info("loading %s", model_name)
-    model, tokenizer, _ = load_model(model_name)
-    log.info("calibration: %d x %d tokens of %s", nsamples, seqlen, calib)
-    calib_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
-    # The teacher of --distill, kept in the forward dtype (distill copies it again only to move it to a GPU).
-    dense = copy.deepcopy(model).to(dtype=fwd_dtype) if distill else None
-    log.info("pruning %d layers on %s in %s", len(adapter.layers(model)), dev, fwd_dtype)
-    report = prune(model, calib_ids, sparsity, structure=structure, restore_weights=not no_restore, damp=damp,
-                   selection=selection, target=restore_target, bias=bias, guard=not no_guard, ffn_widths=ffn_widths,
-                   device=dev, dtype=fwd_dtype, progress=progress)
-    distilled = None
-    if distill:
-        log.info("distilling from the dense model on %d calibration windows", distill)
-        distilled = run_distill(model, dense, calib_ids, distill, lr=distill_lr, step_tokens=distill_step_tokens,
-                                device=dev, dtype=fwd_dtype, progress=progress).to_dict()
-        del dense
-    info = provenance(
-        source_model=model_name, revision=revision(model), architecture=adapter.family,
-        model_type=config.model_type, calibration={"source": calib, "nsamples": nsamples, "seqlen": seqlen,
-                                                   "seed": seed},
-        params=param_counts(model, adapter), distill=distilled, **report.to_dict(),
-    )
-    return model, tokenizer, info
+RECIPE_FLAGS = ("structure", "selection", "restore", "damp", "guard", "ffn_widths", "distill", "distill_lr",
+                "distill_step_tokens")
 
 
-def param_counts(model, adapter) -> dict:
-    """Parameters actually stored, and the decoder linear weights that are stored and non-zero."""
-    from torch import nn
+def split_prune_options(options: dict):
+    """(model name, sparsity, Recipe, Calibration, device, dtype) from ``prune_options``' values."""
+    from faspx.pipeline import Calibration
+    from faspx.recipes import get_recipe
 
-    stored = sum(p.numel() for p in model.parameters())
-    linear = [m.weight for layer in adapter.layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
-    return {
-        "stored": stored,
-        "decoder_linear_stored": sum(w.numel() for w in linear),
-        "decoder_linear_nonzero": sum(int(w.count_nonzero()) for w in linear),
-    }
+    overrides = {name: options.pop(name) for name in RECIPE_FLAGS}
+    recipe = get_recipe(options.pop("recipe_spec"), **overrides)
+    calib = Calibration(options.pop("calib"), options.pop("nsamples"), options.pop("seqlen"), options.pop("seed"))
+    model_name, sparsity = options.pop("model_name"), options.pop("sparsity")
+    return model_name, sparsity, recipe, calib, options.pop("device"), options.pop("dtype")
+
+
+def removed_line(info) -> str:
+    """What the prune removed, for the summary."""
+    p, r = info.params, info.prune
+    ffn = (f"ffn {r['n_remove']['ffn']} channels per layer" if info.form != "nemotron-nas" else
+           f"ffn widths {min(r['layer_widths'])}-{max(r['layer_widths'])} by layer, nemotron-nas form")
+    return (f"removed {r['removed_fraction']:.1%} of decoder linear weights (recipe {info.recipe['name']}, "
+            f"structure {info.recipe['structure']}: attn {r['n_remove']['attn']}, {ffn}); non-zero "
+            f"{p['decoder_linear_nonzero']:,} of {p['decoder_linear_stored']:,} stored, {p['stored']:,} parameters")
 
 
 @main.command()
@@ -190,22 +148,33 @@ def param_counts(model, adapter) -> dict:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @verbosity
 def prune(out: Path, force: bool, progress: bool, **options) -> None:
-    """Prune a model with FASP and save it as a loadable HF directory with fasp.json."""
-    from exporters.hf import export_hf
-    from faspx.outputs import atomic_dir, check_out
+    """Prune a model and save it as a loadable HF directory with fasp.json."""
+    from faspx.outputs import check_out
+    from faspx.pipeline import prune_model, save_pruned
 
     check_out(out, force)
+    model_name, sparsity, recipe, calib, device, dtype = split_prune_options(options)
     start = time.perf_counter()
-    model, tokenizer, info = run_prune(progress=progress, **options)
-    with atomic_dir(out, force) as tmp:
-        # The HF exporter, in the model's own dtype: stock, or nemotron-nas for per-layer widths.
-        export_hf(model, tokenizer, tmp, info, dtype="auto")
-    p = info["params"]
-    click.echo(
-        f"pruned {options['model_name']} to {out}: removed {info['removed_fraction']:.1%} of decoder linear "
-        f"weights ({p['decoder_linear_nonzero']:,} non-zero of {p['decoder_linear_stored']:,} stored; "
-        f"{p['stored']:,} parameters stored) in {time.perf_counter() - start:.1f}s"
-    )
+    result = prune_model(model_name, sparsity, recipe, calib=calib, device=device, dtype=dtype, progress=progress)
+    save_pruned(result, out, force)
+    click.echo(f"pruned {model_name} to {out} in {time.perf_counter() - start:.1f}s")
+    click.echo(f"  {removed_line(result.info)}")
+
+
+@main.command()
+def recipes() -> None:
+    """The recipe presets: name, stock or not, what each does, and what it measured on SmolLM2-135M."""
+    from faspx.recipes import DEFAULT, table
+
+    rows = table()
+    click.echo(f"{'recipe':<9} {'stock':<6} {'ppl@0.2':>8} {'ppl@0.3':>8} {'time':>6}  what it does")
+    for row in rows:
+        ppl = [f"{row[k]:.2f}" if k in row else "-" for k in ("ppl_0.2", "ppl_0.3")]
+        time_x = f"{row['time_x']:.2f}x" if "time_x" in row else "-"
+        name = row["name"] + ("*" if row["name"] == DEFAULT else "")
+        click.echo(f"{name:<9} {'yes' if row['stock'] else 'no':<6} {ppl[0]:>8} {ppl[1]:>8} {time_x:>6}  {row['what']}")
+    click.echo("* the default. ppl: WikiText-2 (148 windows of 2048, bf16) of SmolLM2-135M pruned with 128 x 2048 C4 "
+               "tokens; time: prune + distillation in units of one dense forward over those tokens (docs/accuracy.md).")
 
 
 @main.command("eval")
@@ -225,13 +194,13 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
     (model.onnx) is evaluated in onnxruntime."""
     from faspx.data import eval_ids
     from faspx.eval import perplexity
-    from faspx.models import load_model
     from faspx.outputs import write_json
+    from faspx.pipeline import load_any
     from faspx.prune import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     if (Path(model_name).expanduser() / "model.onnx").exists():  # an ONNX export runs in onnxruntime
-        from exporters.ort_runtime import OnnxDecoder
+        from faspx.exporters.ort_runtime import OnnxDecoder
 
         decoder = OnnxDecoder(Path(model_name).expanduser(), device=dev.type)
         tokenizer = decoder.tokenizer
@@ -239,7 +208,7 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
         def model(x):
             return torch.from_numpy(decoder.prefill(x.numpy())[0])
     else:
-        model, tokenizer, _ = load_model(model_name, dtype=resolve_dtype(dtype, dev), per_layer_widths=True)
+        model, tokenizer = load_any(model_name, dtype=resolve_dtype(dtype, dev))
     ids = eval_ids(tokenizer, dataset)
     start = time.perf_counter()
     ppl = perplexity(model, ids, seqlen, max_windows=max_windows, device=dev, progress=progress)
@@ -283,58 +252,18 @@ def _files_line(summary: dict) -> str:
 def export_cmd(model_name: str, target: str, out: Path, dtype: str, fp16: bool, opset: int, exporter: str,
                atol: float | None, force: bool, progress: bool) -> None:
     """Export a (pruned) model: a stock HF checkpoint and/or an ONNX decoder with KV cache."""
-    import json
+    from faspx.pipeline import export
 
-    from exporters.hf import DTYPES
-    from faspx.models import load_config, load_model
-    from faspx.outputs import atomic_dir, check_out, provenance
-
-    check_out(out, force)
-    if atol is not None and not atol > 0:
-        raise UsageError(f"--atol must be > 0 (got {atol})")
-    config, _ = load_config(model_name)  # a directory without config.json is a UsageError here
-    source_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    hf_dtype = dtype if dtype != "auto" else source_dtype if source_dtype in DTYPES else "float32"
-    fasp_path = Path(model_name).expanduser() / "fasp.json"
-    if fasp_path.is_file():
-        fasp_info = json.loads(fasp_path.read_text())
-    else:
-        log.info("%s has no fasp.json: recording it as an unpruned source", model_name)
-        fasp_info = provenance(source_model=model_name, pruned=False)
     start = time.perf_counter()
-    log.info("loading %s", model_name)
-    # The ONNX graph and its validation run in float32; an HF-only export keeps the checkpoint's dtype.
-    model, tokenizer, _ = load_model(model_name, dtype=torch.float32 if target != "hf" else "auto")
-    with atomic_dir(out, force) as tmp:
-        results = export_targets(model, tokenizer, tmp, target, fasp_info, hf_dtype=hf_dtype, fp16=fp16,
-                                 opset=opset, exporter=exporter, atol=atol)
+    model, _, results = export(model_name, out, target, dtype=dtype, fp16=fp16, opset=opset, exporter=exporter,
+                               atol=atol, force=force)
     click.echo(f"exported {model_name} to {out} in {time.perf_counter() - start:.1f}s")
-    echo_exports(model, results)
-
-
-def export_targets(model, tokenizer, out: Path, target: str, fasp_info: dict, *, hf_dtype: str = "float32",
-                   fp16: bool = False, opset: int = 18, exporter: str = "auto", atol: float | None = None) -> dict:
-    """Write OUT/hf and/or OUT/onnx (validated against ``model``); return their summaries."""
-    from exporters.hf import export_hf
-    from exporters.onnx import export_onnx, validate_onnx
-
-    results: dict = {}
-    if target in ("hf", "all"):
-        log.info("writing the HF checkpoint")
-        results["hf"] = export_hf(model, tokenizer, out / "hf", fasp_info, dtype=hf_dtype)
-    if target in ("onnx", "all"):
-        model = model.float()  # the graph and its validation are traced in float32 (fp16 is a cast)
-        log.info("exporting the ONNX graph")
-        results["onnx"] = export_onnx(model, tokenizer, out / "onnx", fasp_info, fp16=fp16, opset=opset,
-                                      exporter=exporter)
-        log.info("validating the ONNX graph against PyTorch")
-        results["validation"] = validate_onnx(out / "onnx", model, atol=atol)
-    return results
-
-
-def echo_exports(model, results: dict) -> None:
-    """The export part of a summary: files and sizes, and the validation diffs."""
     click.echo(f"  {sum(p.numel() for p in model.parameters()):,} parameters stored")
+    echo_exports(results)
+
+
+def echo_exports(results: dict) -> None:
+    """The export part of a summary: files and sizes, and the validation diffs."""
     if "hf" in results:
         form = "" if results["hf"].get("form") != "nemotron-nas" else ", nemotron-nas form: trust_remote_code / vLLM"
         click.echo(f"  hf/ ({results['hf']['dtype']}{form}): {_files_line(results['hf'])}")
@@ -349,11 +278,11 @@ def echo_exports(model, results: dict) -> None:
 
 def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
     """Greedy generation in PyTorch for an HF directory (the ONNX path is exporters.OnnxDecoder)."""
-    from faspx.models import load_model
+    from faspx.pipeline import load_any
     from faspx.prune import resolve_device
 
     dev = resolve_device(device)
-    model, tokenizer, _ = load_model(str(model_dir))
+    model, tokenizer = load_any(str(model_dir))
     model.to(dev)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -377,11 +306,11 @@ def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, de
 @verbosity
 def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str, progress: bool) -> None:
     """Greedy generation with an exported model; prints each prompt followed by its continuation."""
-    from exporters.files import require_model_dir
+    from faspx.exporters.files import require_model_dir
 
     model_dir = require_model_dir(model_dir)
     if (model_dir / "model.onnx").exists():
-        from exporters.ort_runtime import OnnxDecoder
+        from faspx.exporters.ort_runtime import OnnxDecoder
 
         texts = OnnxDecoder(model_dir, device=device).generate_text(list(prompts), max_new_tokens)
     else:
@@ -408,86 +337,28 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, dev
 def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | None, with_eval: bool,
           eval_dataset: str, eval_windows: int | None, with_bench: bool, force: bool, progress: bool,
           **options) -> None:
-    """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log."""
-    from faspx.outputs import atomic_dir, check_out, write_json
+    """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
-    check_out(out, force)
-    if atol is not None and not atol > 0:
-        raise UsageError(f"--atol must be > 0 (got {atol})")
-    if options["ffn_widths"] == "per-layer" and (target != "hf" or with_bench):
-        raise UsageError("--ffn-widths per-layer writes a nemotron-nas checkpoint, not a stock one: use --target hf "
-                         "without --bench (the ONNX export and the benchmark take stock models)")
+    The default recipe, quality, gives the best stock model faspx makes (`faspx recipes`)."""
+    from faspx.pipeline import build as run_build
+
+    model_name, sparsity, recipe, calib, device, dtype = split_prune_options(options)
     start = time.perf_counter()
-    with atomic_dir(out, force) as tmp:
-        # build.log keeps every step at INFO level, whatever -q says for the terminal.
-        handler = logging.FileHandler(tmp / "build.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
-        try:
-            log.info("faspx build %s", " ".join(sys.argv[1:]))
-            model, tokenizer, info = run_prune(progress=progress, **options)
-            info["timings"] = {"prune_s": info["seconds"]}
-            if info["distill"]:
-                info["timings"]["distill_s"] = info["distill"]["seconds"]
-            t = time.perf_counter()
-            info["exports"] = export_targets(model, tokenizer, tmp, target, info, hf_dtype=save_dtype, fp16=fp16,
-                                             atol=atol)
-            info["timings"]["export_s"] = time.perf_counter() - t
-            if with_eval:
-                info["eval"] = evaluate_both(options["model_name"], model, eval_dataset, eval_windows,
-                                             options["device"], progress)
-            write_json(tmp / "fasp.json", info)
-            log.info("done in %.1fs", time.perf_counter() - start)
-        finally:
-            log.removeHandler(handler)
-            handler.close()
-    p = info["params"]
-    click.echo(f"built {out} from {options['model_name']} in {time.perf_counter() - start:.1f}s")
-    ffn = (f"ffn {info['n_remove']['ffn']} channels per layer" if not info["layer_widths"] else
-           f"ffn widths {min(info['layer_widths'])}-{max(info['layer_widths'])} by layer, nemotron-nas form")
-    click.echo(f"  removed {info['removed_fraction']:.1%} of decoder linear weights (--structure "
-               f"{info['structure']}: attn {info['n_remove']['attn']}, {ffn}); non-zero "
-               f"{p['decoder_linear_nonzero']:,} of {p['decoder_linear_stored']:,} stored")
-    echo_exports(model, info["exports"])
-    if with_eval:
-        e = info["eval"]
+    built = run_build(model_name, sparsity, out, recipe, calib=calib, target=target, device=device, dtype=dtype,
+                      save_dtype=save_dtype, fp16=fp16, atol=atol, eval_dataset=eval_dataset if with_eval else None,
+                      eval_windows=eval_windows, bench=with_bench, force=force, progress=progress,
+                      command="faspx " + " ".join(sys.argv[1:]))
+    info = built.info
+    click.echo(f"built {out} from {model_name} in {time.perf_counter() - start:.1f}s")
+    click.echo(f"  {removed_line(info)}")
+    click.echo(f"  {built.params_stored:,} parameters stored")
+    echo_exports(info.exports)
+    if info.eval:
+        e = info.eval
         click.echo(f"  perplexity ({eval_dataset}, {e['windows']} windows): dense {e['dense']:.3f}, "
                    f"pruned {e['pruned']:.3f}")
-    if with_bench:
-        from benchmarks.report import write_report
-        from benchmarks.run import run_bench
-        from faspx.models import local_dir
-
-        backends = ("torch", "onnxruntime") if target != "hf" else ("torch",)
-        positions = getattr(model.config, "max_position_embeddings", 4096)
-        report = run_bench(local_dir(options["model_name"]), out, backends=backends, device=options["device"],
-                           batches=(1,), prompt_len=min(128, positions // 2), new_tokens=min(64, positions // 4),
-                           repeats=3, progress=progress)
-        with atomic_dir(out / "bench") as tmp:
-            write_report(report, tmp)
-        echo_bench(report, out / "bench")
-
-
-def evaluate_both(dense_name: str, pruned, dataset: str, windows: int | None, device: str, progress: bool) -> dict:
-    """Perplexity of the dense source and of the pruned model, same windows, same settings."""
-    from faspx.data import eval_ids
-    from faspx.eval import perplexity
-    from faspx.models import load_model
-    from faspx.prune import resolve_device
-
-    dev = resolve_device(device)
-    dense, tokenizer, _ = load_model(dense_name, dtype=torch.float32)
-    ids = eval_ids(tokenizer, dataset)
-    seqlen = min(2048, getattr(dense.config, "max_position_embeddings", 2048))
-    log.info("perplexity of the dense model")
-    dense_ppl = perplexity(dense, ids, seqlen, max_windows=windows, device=dev, progress=progress)
-    del dense
-    log.info("perplexity of the pruned model")
-    pruned_ppl = perplexity(pruned.float(), ids, seqlen, max_windows=windows, device=dev, progress=progress)
-    pruned.to("cpu")
-    return {"dataset": dataset, "seqlen": seqlen, "windows": min(ids.numel() // seqlen, windows or 10**9),
-            "dense": dense_ppl, "pruned": pruned_ppl}
+    if built.bench:
+        echo_bench(built.bench, out / "bench")
 
 
 def _csv(kind):
@@ -522,7 +393,7 @@ def bench(dense: str, pruned: str, backends: tuple[str, ...], device: str, batch
           new_tokens: int, repeats: int, warmup: int, with_eval: bool, eval_datasets: tuple[str, ...],
           eval_windows: int | None, out: Path, force: bool, progress: bool) -> None:
     """Tokens/s, latency and memory of dense vs pruned, interleaved, as JSON, Markdown and a plot."""
-    from benchmarks.run import run_bench
+    from faspx.benchmarks.run import run_bench
 
     report = run_bench(dense, pruned, backends=backends, device=device, batches=batches, prompt_len=prompt_len,
                        new_tokens=new_tokens, repeats=repeats, warmup=warmup, eval=with_eval,

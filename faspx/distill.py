@@ -1,7 +1,7 @@
 """Short end-to-end distillation of the pruned model from the dense one, on calibration windows.
 
 FASP and its options fit each layer to its own local target; on SmolLM2-135M they end within a few
-percent of each other (README, Accuracy), while the loss that is left comes from small errors that
+percent of each other (docs/accuracy.md), while the loss that is left comes from small errors that
 add up across 30 layers. A few steps of logit distillation (KL from the dense model's next-token
 distribution, on the calibration text the pruning already read) fit the whole network at once. The
 architecture and the widths are untouched, so the checkpoint stays stock.
@@ -23,17 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from faspx.errors import UsageError
+from faspx.recipes import STEP_TOKENS
 
 log = logging.getLogger("faspx")
 
 # Windows after the distilled ones that check the result (kept only if their KL fell).
 HELD_OUT = 4
-# Tokens per optimizer step: each window is cut into pieces this long, so the same tokens give more
-# updates. On SmolLM2-135M at s = 0.2 (128 x 2048 calibration, 16 windows) steps of 512 gave ppl 33.87
-# against 34.85 for one step per 2048-token window, in a little less time; 256 was worse (README, Accuracy).
-STEP_TOKENS = 512
-
-
 @dataclass
 class DistillReport:
     """What ``distill`` did: KL (nats per token) on the first and last steps and on held-out windows."""

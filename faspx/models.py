@@ -63,9 +63,9 @@ def load_config(model: str):
     from transformers import AutoConfig
 
     source, extra = resolve(model)
-    if faspx_nas_dir(source):
+    if output_form(source) == "nemotron-nas":
         raise UsageError(
-            f"{model} is a --ffn-widths per-layer checkpoint (nemotron-nas form): `faspx eval` runs it, vLLM "
+            f"{model} is a per-layer-widths checkpoint (nemotron-nas form): `faspx eval` runs it, vLLM "
             "serves it; it cannot be pruned, exported or benchmarked again"
         )
     config = AutoConfig.from_pretrained(source, **extra)
@@ -80,34 +80,23 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def faspx_nas_dir(source: str) -> bool:
-    """True for a ``--ffn-widths per-layer`` checkpoint whose code files are exactly the ones faspx writes
-    (so loading it with trust_remote_code runs faspx's own code, nothing else)."""
-    from exporters.decilm import CODE_FILES
+def output_form(source: str) -> str | None:
+    """The ``form`` that a faspx output directory's fasp.json records (None for any other directory)."""
+    from faspx.outputs import FaspInfo
 
-    path = Path(source)
-    return path.is_dir() and all((path / f.name).is_file() and (path / f.name).read_bytes() == f.read_bytes()
-                                 for f in CODE_FILES)
+    info = FaspInfo.of_dir(source) if Path(source).is_dir() else None
+    return info.form if info is not None else None
 
 
-def load_model(model: str, dtype: torch.dtype | str = "auto",
-               per_layer_widths: bool = False) -> tuple[nn.Module, object, Adapter]:
-    """Load model and tokenizer on the CPU in the checkpoint's dtype (or ``dtype``), in eval mode.
-
-    ``per_layer_widths`` also accepts a ``--ffn-widths per-layer`` output of faspx (nemotron-nas form,
-    loaded through its faspx code files); only commands that just run the model (eval) ask for it.
+def load_model(model: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object, Adapter]:
+    """Load a stock model and tokenizer on the CPU in the checkpoint's dtype (or ``dtype``), in eval mode.
 
     Example:
         >>> model, tok, adapter = load_model("~/.cache/faspx/smollm2-135m")  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from faspx.adapters import LLAMA
-
     source, extra = resolve(model)
-    if per_layer_widths and faspx_nas_dir(source):
-        net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=True).eval()
-        return net, AutoTokenizer.from_pretrained(source), LLAMA
     config, adapter = load_config(model)
     net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)

@@ -7,38 +7,9 @@ one Cholesky factorisation per matrix (paper section 3.3). Pure tensor functions
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 DAMP_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1)
-
-
-@dataclass
-class Stats:
-    """Second moments at a consumer's input: G = X~^T X~ of the pruned model's inputs X~ and, when the
-    restoration targets the dense model, cross = X~^T X (X: the dense model's inputs) and G_target = X^T X."""
-
-    gram: torch.Tensor
-    cross: torch.Tensor | None = None
-    gram_target: torch.Tensor | None = None
-
-    def __iter__(self):
-        return iter((self.gram, self.cross, self.gram_target))
-
-    def __add__(self, other: Stats) -> Stats:
-        return Stats(*(None if a is None else a + b for a, b in zip(self, other, strict=True)))
-
-    def scale_last(self, factor: float) -> Stats:
-        """The moments with the last input (a constant column) multiplied by ``factor``."""
-        def scaled(m: torch.Tensor | None) -> torch.Tensor | None:
-            if m is None:
-                return None
-            m = m.clone()
-            m[-1] *= factor
-            m[:, -1] *= factor
-            return m
-        return Stats(*(scaled(m) for m in self))
 
 
 def add_gram(gram: torch.Tensor, x: torch.Tensor, blocks: int = 2) -> None:
@@ -63,29 +34,25 @@ def add_gram(gram: torch.Tensor, x: torch.Tensor, blocks: int = 2) -> None:
                 gram[j:j + size, i:i + size] += product.T
 
 
-def restore(
-    weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor, damp: float = 0.01,
-    cross: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+def restore(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor,
+            damp: float = 0.01) -> torch.Tensor | None:
     """Restored weights for the kept columns (m x |M|), in float64; None if G[M, M] + delta I is not
     positive definite or the result is not finite.
 
-    ``damp`` is relative: delta = damp * mean(diag G[M, M]). With ``cross`` = X~^T X the target is
-    the output on other inputs X (the dense model's) while W* reads X~:
-    min ||W*[:, M] X~[M] - W X||  gives  W*[:, M] = W cross[M, :]^T (G~[M, M] + delta I)^-1.
+    ``damp`` is relative: delta = damp * mean(diag G[M, M]).
 
     Example:
         >>> x = torch.randn(4, 64, dtype=torch.float64); w = torch.randn(3, 4, dtype=torch.float64)
         >>> restore(w, x @ x.T, torch.tensor([0, 1, 2]), damp=0.0).shape
         torch.Size([3, 3])
     """
-    return solve_kept(*kept_moments(weight, gram, keep_cols, cross), damp)
+    return solve_kept(*kept_moments(weight, gram, keep_cols), damp)
 
 
-def kept_moments(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tensor,
-                 cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """G[M, M] and the right-hand side W moment[M, :]^T of ``restore``'s solve (float64); they do
-    not depend on the damping, so ``choose_damp`` computes them once per fold.
+def kept_moments(weight: torch.Tensor, gram: torch.Tensor,
+                 keep_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G[M, M] and the right-hand side W G[M, :]^T of ``restore``'s solve (float64); they do not
+    depend on the damping, so ``choose_damp`` computes them once per fold.
 
     Example:
         >>> w = torch.randn(3, 4, dtype=torch.float64); g = torch.eye(4, dtype=torch.float64)
@@ -95,8 +62,7 @@ def kept_moments(weight: torch.Tensor, gram: torch.Tensor, keep_cols: torch.Tens
     w = weight.to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     keep_cols = keep_cols.to(w.device)
-    moment = g if cross is None else cross.to(device=w.device, dtype=torch.float64)
-    return g[keep_cols][:, keep_cols], w @ moment[keep_cols].T  # |M| x |M|, m x |M|
+    return g[keep_cols][:, keep_cols], w @ g[keep_cols].T  # |M| x |M|, m x |M|
 
 
 def solve_kept(g_mm: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tensor | None:
@@ -116,43 +82,35 @@ def solve_kept(g_mm: torch.Tensor, rhs: torch.Tensor, damp: float) -> torch.Tens
     return restored if torch.isfinite(restored).all() else None
 
 
-def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor,
-                         cross: torch.Tensor | None = None, gram_target: torch.Tensor | None = None) -> float:
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
     """||W' X - W X||_F^2 computed from the Gram matrix: tr((W' - W) G (W' - W)^T).
 
-    ``new_weight`` has the full width, with zeros in the removed columns. With ``cross`` = X~^T X and
-    ``gram_target`` = X^T X it is ||W' X~ - W X||^2 = tr(W' G W'^T) - 2 tr(W' cross W^T) + tr(W G_t W^T).
+    ``new_weight`` has the full width, with zeros in the removed columns.
 
     Example:
         >>> w = torch.eye(2); g = torch.eye(2)
         >>> reconstruction_error(w, torch.zeros(2, 2), g)
         2.0
     """
-    w, w_new = weight.to(torch.float64), new_weight.to(torch.float64)
-
-    def quad(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor) -> float:  # tr(a m b^T)
-        return float(((a @ m.to(device=a.device, dtype=torch.float64)) * b).sum())
-
-    if cross is None:
-        return quad(w_new - w, gram, w_new - w)
-    return quad(w_new, gram, w_new) - 2 * quad(w_new, cross, w) + quad(w, gram_target, w)
+    diff = new_weight.to(torch.float64) - weight.to(torch.float64)
+    return float(((diff @ gram.to(device=diff.device, dtype=torch.float64)) * diff).sum())
 
 
-def choose_damp(weight: torch.Tensor, folds: list[Stats], keep_cols: torch.Tensor,
+def choose_damp(weight: torch.Tensor, folds: list[torch.Tensor], keep_cols: torch.Tensor,
                 candidates: tuple[float, ...] = DAMP_CANDIDATES) -> float:
-    """The relative damping whose restoration, fitted on one fold, best reproduces the other (both ways).
+    """The relative damping whose restoration, fitted on one fold's Gram, best reproduces the other (both ways).
 
     In-sample, less damping always fits better; held out, too little damping overfits channels that
     the calibration set barely excites and too much shrinks the weights towards zero.
 
     Example:
         >>> x = torch.randn(6, 40, dtype=torch.float64); w = torch.randn(3, 6, dtype=torch.float64)
-        >>> folds = [Stats(x[:, :20] @ x[:, :20].T), Stats(x[:, 20:] @ x[:, 20:].T)]
+        >>> folds = [x[:, :20] @ x[:, :20].T, x[:, 20:] @ x[:, 20:].T]
         >>> choose_damp(w, folds, torch.arange(4)) in DAMP_CANDIDATES
         True
     """
     # The solve's operands do not depend on the damping: gathered once per fold, not per candidate.
-    moments = [kept_moments(weight, fit.gram, keep_cols, fit.cross) for fit in folds]
+    moments = [kept_moments(weight, fit, keep_cols) for fit in folds]
 
     def held_out_error(damp: float) -> float:
         total = 0.0
@@ -162,7 +120,7 @@ def choose_damp(weight: torch.Tensor, folds: list[Stats], keep_cols: torch.Tenso
                 return float("inf")
             full = torch.zeros(weight.shape, dtype=torch.float64, device=restored.device)
             full[:, keep_cols.to(full.device)] = restored
-            total += reconstruction_error(weight, full, *check)
+            total += reconstruction_error(weight, full, check)
         return total
 
     return min(candidates, key=held_out_error)

@@ -96,3 +96,10 @@ def text_file(tmp_path, shared) -> Path:
     path = tmp_path / "calib.txt"
     path.write_text("\n\n".join(rows[:1200]))
     return path
+
+
+def recipe(name: str = "paper", **overrides):
+    """A recipe preset with overrides (tests use ``paper``, the published method, unless they say otherwise)."""
+    from faspx.recipes import get_recipe
+
+    return get_recipe(name, **overrides)

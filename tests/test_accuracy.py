@@ -1,6 +1,6 @@
 """benchmarks/accuracy.py: the tables it prints from the sweep's JSON rows."""
 
-from benchmarks.accuracy import by_sparsity, markdown
+from faspx.benchmarks.accuracy import by_sparsity, markdown
 
 RESULTS = {
     "dense_forward_s": 10.0,

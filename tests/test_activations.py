@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.activations import first_token_shares
+from faspx.benchmarks.activations import first_token_shares
 from tests.conftest import calib, tiny_model
 
 

@@ -3,7 +3,8 @@ import torch
 
 from faspx.adapters import SUPPORTED, adapter_for
 from faspx.errors import UsageError
-from faspx.prune import write_pair
+from faspx.solve import PairSolution
+from faspx.writeback import write_pair
 from tests.conftest import calib, tiny_model
 
 
@@ -39,7 +40,7 @@ def test_ffn_pair_zeroing_equals_physical_removal(kind):
     zeroed = model(ids).logits
     for layer in adapter.layers(model):
         consumer = layer.get_submodule(ffn.consumer).weight
-        write_pair(layer, ffn, keep, keep, consumer[:, keep])
+        write_pair(layer, ffn, PairSolution(keep, keep, consumer[:, keep], 0.0))
     assert layer.get_submodule(ffn.consumer).weight.shape[1] == len(keep)
     torch.testing.assert_close(model(ids).logits, zeroed, atol=1e-5, rtol=0)
 

@@ -5,7 +5,7 @@ from faspx.adapters import adapter_for
 from faspx.budget import linear_weights, max_sparsity, pair_weights, plan
 from faspx.errors import UsageError
 from faspx.prune import prune
-from tests.conftest import calib, tiny_model
+from tests.conftest import calib, recipe, tiny_model
 
 
 def removed_weights(dense, pruned) -> tuple[int, int, int]:
@@ -32,7 +32,7 @@ def removed_weights(dense, pruned) -> tuple[int, int, int]:
 @pytest.mark.parametrize("sparsity", [0.1, 0.3])
 def test_removed_fraction_matches_the_request(kind, structure, sparsity):
     dense, model = tiny_model(kind), tiny_model(kind)
-    prune(model, calib(), sparsity, structure=structure, progress=False)
+    prune(model, calib(), sparsity, recipe("paper", structure=structure), progress=False)
     removed, total, unit_max = removed_weights(dense, model)
     n_layers = len(adapter_for(dense.config).layers(dense))
     # within one channel per pair in every layer

@@ -21,18 +21,20 @@ def model_dir(tmp_path, opt_tokenizer):
 
 
 def test_build_all_produces_the_layout(model_dir, text_file, tmp_path, monkeypatch):
-    import benchmarks.run
+    import faspx.benchmarks.run
 
-    monkeypatch.setattr(benchmarks.run, "ONNX_CACHE", tmp_path / "onnx-cache")
+    monkeypatch.setattr(faspx.benchmarks.run, "ONNX_CACHE", tmp_path / "onnx-cache")
     out = tmp_path / "build"
     code, output = run("build", "--model", model_dir, "--sparsity", "0.3", "--calib", text_file, "--nsamples", "4",
-                       "--seqlen", "64", "--target", "all", "--out", out, "--eval", "--eval-dataset", text_file,
+                       "--seqlen", "64", "--distill", "2", "--target", "all", "--out", out, "--eval",
+                       "--eval-dataset", text_file,
                        "--eval-windows", "2", "--bench", "-q")
     assert code == 0, output
     assert {p.name for p in out.iterdir()} == {"hf", "onnx", "fasp.json", "build.log", "bench"}
     assert (out / "bench" / "report.md").exists() and (out / "bench" / "report.png").stat().st_size > 0
     info = json.loads((out / "fasp.json").read_text())
-    keep = info["layers"][0]["ffn"]["keep"]
+    assert info["recipe"]["name"] == "quality+distill=2" and info["form"] == "stock"
+    keep = info["prune"]["layers"][0]["ffn"]["keep"]
     assert 0 < len(keep) < 160 and keep == sorted(keep)
     assert info["exports"]["validation"]["prefill_max_abs_diff"] < 1e-3
     assert info["eval"]["dense"] > 1 and info["eval"]["pruned"] > 1

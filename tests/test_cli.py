@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from faspx.cli import main
-from tests.conftest import save_tiny
+from tests.conftest import recipe, save_tiny
 
 
 @pytest.fixture
@@ -23,21 +23,27 @@ def run(*args):
 
 
 def prune_args(model_dir, text_file, out, *extra):
+    """`faspx prune` on 4 x 64 calibration tokens; the recipe is paper unless ``extra`` says otherwise."""
+    recipe_args = () if "--recipe" in extra or "--distill" in extra else ("--recipe", "paper")
     return ("prune", "--model", model_dir, "--sparsity", "0.3", "--calib", text_file, "--nsamples", "4",
-            "--seqlen", "64", "--out", out, "-q", *extra)
+            "--seqlen", "64", "--out", out, "-q", *recipe_args, *extra)
 
 
 def test_prune_writes_a_stock_directory_with_provenance(model_dir, text_file, tmp_path):
     out = tmp_path / "pruned"
-    code, output = run(*prune_args(model_dir, text_file, out))
+    code, output = run(*prune_args(model_dir, text_file, out, "--distill", "2"))  # the default recipe otherwise
     assert code == 0, output
     info = json.loads((out / "fasp.json").read_text())
-    assert info["sparsity"] == 0.3 and info["calibration"]["nsamples"] == 4
-    assert len(info["layers"]) == 2 and len(info["layers"][0]["ffn"]["keep"]) < 160
+    assert info["sparsity"] == 0.3 and info["calibration"]["nsamples"] == 4 and info["form"] == "stock"
+    assert info["recipe"]["name"] == "quality+distill=2" and info["recipe"]["selection"] == "obs"
+    layers = info["prune"]["layers"]
+    assert len(layers) == 2 and len(layers[0]["ffn"]["keep"]) < 160 and "attn" not in layers[0]  # structure mlp
     model = AutoModelForCausalLM.from_pretrained(out)  # stock class, no custom code
-    assert model.config.intermediate_size == len(info["layers"][0]["ffn"]["keep"])
+    assert model.config.intermediate_size == len(layers[0]["ffn"]["keep"])
     assert "auto_map" not in json.loads((out / "config.json").read_text())
-    assert info["params"]["decoder_linear_nonzero"] < info["params"]["decoder_linear_stored"]
+    # structure mlp cuts every removed weight out: nothing is left zeroed at full width
+    assert info["params"]["decoder_linear_nonzero"] == info["params"]["decoder_linear_stored"]
+    assert info["prune"]["removed_fraction"] == pytest.approx(0.3, abs=0.01)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -67,18 +73,20 @@ def test_prune_per_layer_widths_writes_the_nemotron_nas_form(opt_tokenizer, text
     code, output = run(*args)
     assert code == 0, output
     info = json.loads((out / "fasp.json").read_text())
-    assert info["ffn_widths"] == "per-layer" and len(set(info["layer_widths"])) > 1
+    widths = info["prune"]["layer_widths"]
+    assert info["recipe"]["ffn_widths"] == "per-layer" and info["form"] == "nemotron-nas" and len(set(widths)) > 1
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nemotron-nas" and (out / "tokenizer_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == info["layer_widths"]
+    assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == widths
     code, output = run("eval", "--model", out, "--dataset", text_file, "--seqlen", "64", "--max-windows", "2", "-q")
     assert code == 0 and "perplexity" in output, output
     code, output = run("export", "--model", out, "--target", "onnx", "--out", tmp_path / "x")
     assert code == 2 and "per-layer" in output and not (tmp_path / "x").exists()
     (out / "modeling_decilm.py").write_text("import os  # not faspx's code\n")
     code, output = run("eval", "--model", out, "--dataset", text_file, "--seqlen", "64", "--max-windows", "2", "-q")
-    assert code != 0  # a directory whose code is not faspx's is never run with trust_remote_code
+    # a directory whose code is not faspx's is never run with trust_remote_code
+    assert code == 2 and "modeling_decilm.py" in output, output
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -103,7 +111,7 @@ def test_saved_model_reloads_with_the_same_logits(model_dir, text_file, opt_toke
     from faspx.data import calibration_ids
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prune(model, calibration_ids(opt_tokenizer, str(text_file), 4, 64), 0.3, progress=False)
+    prune(model, calibration_ids(opt_tokenizer, str(text_file), 4, 64), 0.3, recipe("paper"), progress=False)
     model.save_pretrained(tmp_path / "p")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
     ids = torch.randint(0, 50000, (2, 24))
@@ -171,13 +179,13 @@ def test_existing_out_needs_force(model_dir, text_file, tmp_path):
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError("disk on fire")])
 def test_crash_mid_write_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch, fault):
-    import exporters.files
+    import faspx.outputs
 
     def boom(*_a, **_k):
         raise fault
 
     # fasp.json is the last file the HF exporter writes: the crash comes after the weights.
-    monkeypatch.setattr(exporters.files, "write_json", boom)
+    monkeypatch.setattr(faspx.outputs, "write_json", boom)
     code, output = run(*prune_args(model_dir, text_file, tmp_path / "o"))
     assert code == 1 and "error" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "dense"]

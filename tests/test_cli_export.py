@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import faspx
 from faspx.cli import main
-from tests.conftest import OPT_VOCAB, SHARED, calib, save_tiny
+from tests.conftest import OPT_VOCAB, SHARED, calib, recipe, save_tiny
 
 PROMPTS = ["Hello world", "The quick brown fox jumps"]
 
@@ -33,7 +33,7 @@ def pruned_dir(tmp_path_factory):
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(3)
-    faspx.prune(model, calib(n=4, seqlen=16) % OPT_VOCAB, 0.3, progress=False)
+    faspx.prune(model, calib(n=4, seqlen=16) % OPT_VOCAB, 0.3, recipe("paper"), progress=False)
     model.save_pretrained(directory)
     (directory / "fasp.json").write_text(json.dumps({"sparsity": 0.3, "source_model": "tiny"}))
     return directory

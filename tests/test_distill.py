@@ -6,7 +6,7 @@ import torch
 from faspx.distill import HELD_OUT, distill, head_kl, kl_loss, trainable
 from faspx.errors import UsageError
 from faspx.prune import prune
-from tests.conftest import calib, tiny_model
+from tests.conftest import calib, recipe, tiny_model
 
 
 def test_kl_loss_is_the_mean_token_kl():
@@ -77,7 +77,7 @@ def test_distillation_brings_a_pruned_model_closer_to_the_dense_one(kind):
     teacher = sharp(tiny_model(kind))
     ids = calib(1, 32, seed=3).repeat(12, 1)
     student = copy.deepcopy(teacher)
-    prune(student, ids, 0.5, structure="mlp", restore_weights=False, progress=False)
+    prune(student, ids, 0.5, recipe("paper", structure="mlp", restore=False), progress=False)
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     embeddings = student.get_input_embeddings().weight.clone()
     before = held_out_kl(student, teacher, ids[8:])
@@ -95,7 +95,7 @@ def test_a_distillation_that_raises_the_held_out_kl_is_undone():
     teacher = sharp(tiny_model("llama"))
     student = copy.deepcopy(teacher)
     ids = calib(8, 32)
-    prune(student, ids, 0.3, structure="mlp", progress=False)
+    prune(student, ids, 0.3, recipe("paper", structure="mlp"), progress=False)
     state = {k: v.clone() for k, v in student.state_dict().items()}
     report = distill(student, teacher, ids, 4, lr=10.0, progress=False)  # diverges
     assert not report.accepted
@@ -115,7 +115,7 @@ def test_steps_of_fewer_tokens_are_steps_on_the_pieces_of_each_window():
     ids = calib(2, 32, seed=5)
     split, whole = copy.deepcopy(teacher), copy.deepcopy(teacher)
     for student in (split, whole):
-        prune(student, ids, 0.3, structure="mlp", restore_weights=False, progress=False)
+        prune(student, ids, 0.3, recipe("paper", structure="mlp", restore=False), progress=False)
     report = distill(split, teacher, ids, 2, lr=1e-3, step_tokens=16, progress=False)
     pieces = distill(whole, teacher, ids.reshape(4, 16), 4, lr=1e-3, step_tokens=16, progress=False)
     assert report.steps == pieces.steps == 4 and report.step_tokens == 16

@@ -14,10 +14,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import faspx
-from exporters import check_disk, export_hf, is_model_dir, require_model_dir
 from faspx.errors import FaspxError, UsageError
-from faspx.outputs import atomic_dir
-from tests.conftest import VOCAB, calib, tiny_model
+from faspx.exporters import check_disk, export_hf, is_model_dir, require_model_dir
+from faspx.outputs import FaspInfo, atomic_dir
+from tests.conftest import VOCAB, calib, recipe, tiny_model
 
 FFN_KEY = {"opt": "ffn_dim", "llama": "intermediate_size", "qwen2": "intermediate_size"}
 
@@ -34,7 +34,7 @@ def pruned_tiny(kind: str, structure: str = "fasp") -> torch.nn.Module:
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed_positions" not in name:
                 p.mul_(3)
-    faspx.prune(model, calib(n=4, seqlen=16), 0.3, structure=structure, progress=False)
+    faspx.prune(model, calib(n=4, seqlen=16), 0.3, recipe("paper", structure=structure), progress=False)
     return model
 
 
@@ -51,7 +51,7 @@ def pruned(request):
 def test_reloads_with_stock_class_and_same_logits(pruned, tmp_path):
     kind, model = pruned
     dense_width = getattr(tiny_model(kind).config, FFN_KEY[kind])
-    info = {"sparsity": 0.3, "note": "test"}
+    info = FaspInfo(source_model="tiny", sparsity=0.3)
     summary = export_hf(model, None, tmp_path / "hf", info)
     out = tmp_path / "hf"
     assert {"model.safetensors", "config.json", "generation_config.json", "fasp.json"} <= set(summary["files"])
@@ -59,7 +59,7 @@ def test_reloads_with_stock_class_and_same_logits(pruned, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and config["dtype"] == "float32"
     assert config[FFN_KEY[kind]] == getattr(model.config, FFN_KEY[kind]) < dense_width
-    assert json.loads((out / "fasp.json").read_text()) == info
+    assert json.loads((out / "fasp.json").read_text()) == info.to_dict()
 
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code
     assert type(reloaded).__module__.startswith("transformers.models.")
@@ -103,10 +103,10 @@ def test_bad_dtype_is_a_usage_error(tmp_path):
 
 
 def test_large_checkpoints_are_sharded(monkeypatch, tmp_path):
-    import exporters.hf
+    import faspx.exporters.hf
 
     model = pruned_tiny("llama")
-    monkeypatch.setattr(exporters.hf, "MAX_SHARD_SIZE", "40KB")
+    monkeypatch.setattr(faspx.exporters.hf, "MAX_SHARD_SIZE", "40KB")
     summary = export_hf(model, None, tmp_path / "hf", None)
     shards = [n for n in summary["files"] if n.endswith(".safetensors")]
     assert len(shards) > 1 and "model.safetensors.index.json" in summary["files"]
@@ -116,17 +116,17 @@ def test_large_checkpoints_are_sharded(monkeypatch, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(monkeypatch, tmp_path):
-    import exporters.files
+    import faspx.outputs
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("simulated crash while writing fasp.json")
 
     model = pruned_tiny("qwen2")
-    monkeypatch.setattr(exporters.files, "write_json", boom)
+    monkeypatch.setattr(faspx.outputs, "write_json", boom)
     out = tmp_path / "export"
     with pytest.raises(RuntimeError, match="simulated"):
         with atomic_dir(out) as tmp:
-            export_hf(model, None, tmp / "hf", {"sparsity": 0.3})
+            export_hf(model, None, tmp / "hf", FaspInfo(source_model="tiny", sparsity=0.3))
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
 
 
@@ -134,11 +134,11 @@ DiskUsage = namedtuple("DiskUsage", "total used free")
 
 
 def test_not_enough_disk_names_the_size(monkeypatch, tmp_path):
-    import exporters.hf
+    import faspx.exporters.hf
 
     model = pruned_tiny("llama")
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: DiskUsage(10**12, 10**12 - 1000, 1000))
-    needed = exporters.hf.estimate_bytes(model, torch.float32)
+    needed = faspx.exporters.hf.estimate_bytes(model, torch.float32)
     with pytest.raises(FaspxError, match=rf"needs about {needed / 1e9:.2f} GB but only 0\.00 GB are free"):
         export_hf(model, None, tmp_path / "new" / "hf", None)
     assert not (tmp_path / "new").exists()  # checked before anything is written
@@ -182,13 +182,16 @@ def test_non_stock_class_is_refused(tmp_path):
 
 @torch.no_grad()
 def test_per_layer_widths_export_in_the_nemotron_nas_form(tmp_path):
-    from exporters.decilm.modeling_decilm import ffn_width
+    from faspx.exporters.decilm.modeling_decilm import ffn_width
 
     model = tiny_model("llama-wide")
-    faspx.prune(model, calib(8, 32), 0.35, structure="mlp", ffn_widths="per-layer", progress=False)
+    report = faspx.prune(model, calib(8, 32), 0.35, recipe("paper", structure="mlp", ffn_widths="per-layer"),
+                         progress=False)
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
-    assert len(set(widths)) > 1
-    summary = export_hf(model, None, tmp_path / "hf", {"note": "test"})
+    assert len(set(widths)) > 1 and report.form == "nemotron-nas"
+    with pytest.raises(FaspxError, match="nemotron-nas form can hold them"):  # the form is never guessed
+        export_hf(model, None, tmp_path / "guess", None)
+    summary = export_hf(model, None, tmp_path / "hf", FaspInfo(source_model="tiny", form=report.form))
     out = tmp_path / "hf"
     assert summary["form"] == "nemotron-nas"
     assert {"configuration_decilm.py", "modeling_decilm.py", "model.safetensors"} <= set(summary["files"])

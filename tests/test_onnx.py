@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-import exporters.onnx
-from exporters import OnnxDecoder, export_onnx, validate_onnx
-from exporters.ort_runtime import positions, select_providers
+import faspx.exporters.onnx
 from faspx.errors import FaspxError, UsageError
-from faspx.outputs import atomic_dir
+from faspx.exporters import OnnxDecoder, export_onnx, validate_onnx
+from faspx.exporters.ort_runtime import positions, select_providers
+from faspx.outputs import FaspInfo, atomic_dir
 from tests.conftest import TINY_CONFIGS, VOCAB, tiny_model
 from tests.test_hf import FFN_KEY, pruned_tiny
 
@@ -35,7 +35,8 @@ def exported(request, tmp_path_factory):
     model = copy.deepcopy(pruned_tiny(kind))
     model.set_attn_implementation("sdpa")
     out = tmp_path_factory.mktemp(f"onnx-{kind}")
-    summary = export_onnx(model, None, out, {"sparsity": 0.3}, exporter="dynamo", external_data=kind == "qwen2")
+    summary = export_onnx(model, None, out, FaspInfo(source_model="tiny", sparsity=0.3), exporter="dynamo",
+                          external_data=kind == "qwen2")
     return kind, model, out, summary
 
 
@@ -87,7 +88,7 @@ def test_graph_follows_optimum_conventions(exported):
 def test_validation_bounds_prefill_and_decode(exported):
     _, model, out, _ = exported
     result = validate_onnx(out, model)
-    assert result["atol"] == exporters.onnx.ATOL_FP32 and result["batch"] == 3 and result["max_past_length"] > 0
+    assert result["atol"] == faspx.exporters.onnx.ATOL_FP32 and result["batch"] == 3 and result["max_past_length"] > 0
     # the bound scales with the logits' magnitude, never below atol itself
     assert result["logit_scale"] >= 1 and result["bound"] == result["atol"] * result["logit_scale"]
     for key in ("prefill_max_abs_diff", "decode_max_abs_diff", "present_max_abs_diff"):
@@ -162,7 +163,7 @@ def test_auto_falls_back_to_torchscript(monkeypatch, tmp_path):
         raise RuntimeError("simulated torch.export failure")
 
     model = pruned_tiny("llama")
-    monkeypatch.setattr(exporters.onnx, "_export_dynamo", broken)
+    monkeypatch.setattr(faspx.exporters.onnx, "_export_dynamo", broken)
     with pytest.raises(FaspxError, match="simulated torch.export failure"):
         export_onnx(model, None, tmp_path / "strict", exporter="dynamo")
     summary = export_onnx(model, None, tmp_path / "auto")
@@ -177,20 +178,21 @@ def test_fp16_graph(tmp_path):
     dec = OnnxDecoder(tmp_path / "fp16", device="cpu")
     assert dec.kv_dtype == np.float16
     result = validate_onnx(tmp_path / "fp16", model)
-    assert result["atol"] == exporters.onnx.ATOL_FP16 and result["prefill_max_abs_diff"] < 1e-2
+    assert result["atol"] == faspx.exporters.onnx.ATOL_FP16 and result["prefill_max_abs_diff"] < 1e-2
 
 
 def test_interrupted_export_leaves_nothing(monkeypatch, tmp_path):
-    import exporters.files
+    import faspx.exporters.files
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("simulated crash after model.onnx")
 
-    monkeypatch.setattr(exporters.files, "write_json", boom)
+    monkeypatch.setattr(faspx.exporters.files, "write_json", boom)
     out = tmp_path / "export"
     with pytest.raises(RuntimeError, match="simulated"):
         with atomic_dir(out) as tmp:
-            export_onnx(pruned_tiny("llama"), None, tmp / "onnx", {"sparsity": 0.3}, exporter="torchscript")
+            export_onnx(pruned_tiny("llama"), None, tmp / "onnx", FaspInfo(source_model="tiny", sparsity=0.3),
+                        exporter="torchscript")
     assert list(tmp_path.iterdir()) == []
 
 

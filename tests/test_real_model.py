@@ -15,11 +15,12 @@ from faspx.demo_model import DEFAULT_DIR
 from faspx.distill import distill
 from faspx.eval import perplexity
 from faspx.prune import prune
+from faspx.recipes import get_recipe
 from tests.conftest import SHARED
 
 pytestmark = pytest.mark.slow
-BEST = {"structure": "mlp", "damp": "auto", "selection": "obs"}  # the best stock method in benchmarks/accuracy.py
-DISTILL = 16  # calibration windows of --distill
+BEST = get_recipe("quality", distill=0)  # the default recipe's one-shot part; its distillation is tested below
+DISTILL = 16  # calibration windows of the distillation (the quality recipe's)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,16 @@ def load():
     return AutoModelForCausalLM.from_pretrained(DEFAULT_DIR, dtype=torch.float32).eval()
 
 
-def pruned_ppl(smollm, name: str, distill_from: str | None = None, **options) -> float:
-    """Perplexity after pruning with ``options`` (or, with ``distill_from``, after distilling the model
+def pruned_ppl(smollm, name: str, recipe=None, distill_from: str | None = None) -> float:
+    """Perplexity after pruning with ``recipe`` (or, with ``distill_from``, after distilling the model
     that row pruned on DISTILL windows)."""
     calib, test, cache = smollm
     if name not in cache:
         if distill_from is None:
             model = load()
-            prune(model, calib, 0.2, progress=False, **options)
+            prune(model, calib, 0.2, recipe, progress=False)
         else:
-            pruned_ppl(smollm, distill_from, **options)
+            pruned_ppl(smollm, distill_from, recipe)
             model = copy.deepcopy(cache[distill_from, "model"])
             distill(model, load(), calib, DISTILL, progress=False)
         cache[name, "model"] = model
@@ -61,17 +62,18 @@ def pruned_ppl(smollm, name: str, distill_from: str | None = None, **options) ->
 
 
 def test_restoration_lowers_perplexity(smollm):
-    assert pruned_ppl(smollm, "paper") < pruned_ppl(smollm, "no-restore", restore_weights=False)
+    assert pruned_ppl(smollm, "paper", get_recipe("paper")) < pruned_ppl(smollm, "wanda", get_recipe("wanda"))
 
 
 def test_best_method_beats_the_paper(smollm):
-    assert pruned_ppl(smollm, "best", **BEST) < pruned_ppl(smollm, "paper")
+    assert pruned_ppl(smollm, "best", BEST) < pruned_ppl(smollm, "paper", get_recipe("paper"))
 
 
 def test_distillation_improves_the_best_method(smollm):
-    assert pruned_ppl(smollm, "best+distill", distill_from="best", **BEST) < pruned_ppl(smollm, "best", **BEST)
+    assert pruned_ppl(smollm, "best+distill", BEST, distill_from="best") < pruned_ppl(smollm, "best", BEST)
 
 
 def test_per_layer_widths_improve_the_best_method(smollm):
-    """--ffn-widths per-layer (nemotron-nas output, not stock) against the same method at one width."""
-    assert pruned_ppl(smollm, "best+per-layer", ffn_widths="per-layer", **BEST) < pruned_ppl(smollm, "best", **BEST)
+    """Per-layer FFN widths (the max recipe's; nemotron-nas output, not stock) against the same method at one width."""
+    per_layer = BEST.with_overrides(ffn_widths="per-layer")
+    assert pruned_ppl(smollm, "best+per-layer", per_layer) < pruned_ppl(smollm, "best", BEST)

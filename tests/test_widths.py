@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from exporters.decilm.modeling_decilm import ffn_width
+from faspx.exporters.decilm.modeling_decilm import ffn_width
 from faspx.widths import WIDTH_STEP, allocate, block_configs, candidate_removals, ffn_mult, width_from_mult
 
 

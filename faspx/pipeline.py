@@ -1,0 +1,296 @@
+"""The pipeline as a library: prune (+ distill), export and build, each returning a result.
+
+``faspx.cli`` parses options, calls these and prints; a Python user calls them directly::
+
+    result = prune_model("~/.cache/faspx/smollm2-135m", 0.3, "quality", calib="c4.parquet")
+    built = build("facebook/opt-125m", 0.3, "out/opt", target="onnx")
+
+Every check that needs no weights runs first (``check_prune``), so bad input costs no model load.
+Outputs are written to a temporary directory and renamed when complete (``faspx.outputs.atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from faspx.errors import UsageError
+from faspx.outputs import FaspInfo, atomic_dir, check_out
+from faspx.recipes import Recipe, get_recipe
+
+log = logging.getLogger("faspx")
+TARGETS = ("hf", "onnx", "all")
+
+
+@dataclass
+class PruneResult:
+    """A pruned model in memory, its tokenizer, and its provenance (what fasp.json will hold)."""
+
+    model: nn.Module
+    tokenizer: object
+    info: FaspInfo
+
+
+@dataclass
+class BuildResult:
+    """What ``build`` wrote: the output directory, the provenance, and the benchmark report if asked."""
+
+    out: Path
+    info: FaspInfo
+    bench: dict | None = None
+    params_stored: int = 0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the calibration windows come from."""
+
+    source: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+
+def check_prune(model_name: str, sparsity: float, recipe: Recipe, calib: Calibration, device: str, dtype: str):
+    """Every check of a prune that needs no weights; returns (config, adapter, device, dtype, seqlen)."""
+    from faspx.budget import plan
+    from faspx.models import load_config, meta_model
+    from faspx.prune import check_ffn_widths, resolve_device, resolve_dtype
+
+    if calib.nsamples < 1:
+        raise UsageError(f"--nsamples must be at least 1 (got {calib.nsamples})")
+    if calib.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2 (got {calib.seqlen})")
+    if recipe.distill > calib.nsamples:
+        raise UsageError(f"--distill {recipe.distill} (recipe {recipe.name}) needs at least as many calibration "
+                         f"windows (--nsamples {calib.nsamples}): raise --nsamples, or lower --distill (0: none)")
+    config, adapter = load_config(model_name)
+    plan(meta_model(config), adapter, sparsity, recipe.structure)
+    check_ffn_widths(config, adapter, recipe)
+    dev = resolve_device(device)
+    fwd_dtype = resolve_dtype(dtype, dev)
+    seqlen = min(calib.seqlen, getattr(config, "max_position_embeddings", calib.seqlen))
+    return config, adapter, dev, fwd_dtype, seqlen
+
+
+def prune_model(model_name: str, sparsity: float, recipe: Recipe | str | None = None, *,
+                calib: Calibration = Calibration(), device: str = "auto", dtype: str = "auto",
+                progress: bool = True) -> PruneResult:
+    """Load ``model_name``, calibrate, prune with ``recipe`` (default ``quality``) and distil if it says so.
+
+    Example:
+        >>> result = prune_model("~/.cache/faspx/smollm2-135m", 0.2, "fast")  # doctest: +SKIP
+        >>> result.info.prune["removed_fraction"]  # doctest: +SKIP
+        0.2
+    """
+    from faspx.data import calibration_ids
+    from faspx.distill import distill
+    from faspx.models import load_model, revision
+    from faspx.prune import prune
+
+    recipe = get_recipe(recipe)
+    config, adapter, dev, fwd_dtype, seqlen = check_prune(model_name, sparsity, recipe, calib, device, dtype)
+    log.info("loading %s", model_name)
+    model, tokenizer, _ = load_model(model_name)
+    log.info("calibration: %d x %d tokens of %s", calib.nsamples, seqlen, calib.source)
+    calib_ids = calibration_ids(tokenizer, calib.source, calib.nsamples, seqlen, calib.seed)
+    # The teacher of distillation, kept in the forward dtype (distill copies it again only to move it to a GPU).
+    dense = copy.deepcopy(model).to(dtype=fwd_dtype) if recipe.distill else None
+    log.info("pruning %d layers on %s in %s with recipe %s", len(adapter.layers(model)), dev, fwd_dtype, recipe.name)
+    report = prune(model, calib_ids, sparsity, recipe, device=dev, dtype=fwd_dtype, progress=progress)
+    info = FaspInfo(
+        source_model=model_name, form=report.form, revision=revision(model), architecture=adapter.family,
+        model_type=config.model_type, sparsity=sparsity, recipe=recipe.to_dict(),
+        calibration={"source": calib.source, "nsamples": calib.nsamples, "seqlen": seqlen, "seed": calib.seed},
+        prune=report.to_dict(), timings={"prune_s": report.seconds},
+    )
+    if recipe.distill:
+        log.info("distilling from the dense model on %d calibration windows", recipe.distill)
+        done = distill(model, dense, calib_ids, recipe.distill, lr=recipe.distill_lr,
+                       step_tokens=recipe.distill_step_tokens, device=dev, dtype=fwd_dtype, progress=progress)
+        info.distill, info.timings["distill_s"] = done.to_dict(), done.seconds
+        del dense
+    info.params = param_counts(model, adapter)
+    return PruneResult(model, tokenizer, info)
+
+
+def param_counts(model: nn.Module, adapter) -> dict:
+    """Parameters actually stored, and the decoder linear weights that are stored and non-zero."""
+    stored = sum(p.numel() for p in model.parameters())
+    linear = [m.weight for layer in adapter.layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
+    return {
+        "stored": stored,
+        "decoder_linear_stored": sum(w.numel() for w in linear),
+        "decoder_linear_nonzero": sum(int(w.count_nonzero()) for w in linear),
+    }
+
+
+def save_pruned(result: PruneResult, out: Path, force: bool = False) -> dict:
+    """Write a pruned model as one HF directory (``faspx prune``'s output), in the model's own dtype."""
+    from faspx.exporters.hf import export_hf
+
+    with atomic_dir(out, force) as tmp:
+        return export_hf(result.model, result.tokenizer, tmp, result.info, dtype="auto")
+
+
+def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: FaspInfo, *,
+                   hf_dtype: str = "float32", fp16: bool = False, opset: int = 18, exporter: str = "auto",
+                   atol: float | None = None) -> dict:
+    """Write OUT/hf and/or OUT/onnx (validated against ``model``); return their summaries."""
+    from faspx.exporters.hf import export_hf
+    from faspx.exporters.onnx import export_onnx, validate_onnx
+
+    results: dict = {}
+    if target in ("hf", "all"):
+        results["hf"] = export_hf(model, tokenizer, out / "hf", info, dtype=hf_dtype)
+    if target in ("onnx", "all"):
+        model = model.float()  # the graph and its validation are traced in float32 (fp16 is a cast)
+        log.info("exporting the ONNX graph")
+        results["onnx"] = export_onnx(model, tokenizer, out / "onnx", info, fp16=fp16, opset=opset,
+                                      exporter=exporter)
+        log.info("validating the ONNX graph against PyTorch")
+        results["validation"] = validate_onnx(out / "onnx", model, atol=atol)
+    return results
+
+
+def check_export(target: str, atol: float | None) -> None:
+    """The export checks that need no weights: the target and the validation bound."""
+    if target not in TARGETS:
+        raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    if atol is not None and not atol > 0:
+        raise UsageError(f"--atol must be > 0 (got {atol})")
+
+
+def check_form(recipe: Recipe, target: str, bench: bool) -> None:
+    """A recipe whose output is not stock (per-layer widths) exports to HF only, and is not benchmarked."""
+    if not recipe.stock and (target != "hf" or bench):
+        raise UsageError(f"recipe {recipe.name} has per-layer FFN widths: its output is a nemotron-nas checkpoint, "
+                         "not a stock one: use --target hf without --bench (the ONNX export and the benchmark take "
+                         "stock models)")
+
+
+def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "auto", fp16: bool = False,
+           opset: int = 18, exporter: str = "auto", atol: float | None = None, force: bool = False) -> tuple:
+    """``faspx export``: an existing model directory (pruned or not) to OUT/hf and/or OUT/onnx.
+
+    Returns (model, FaspInfo, the exports' summaries).
+    """
+    from faspx.exporters.hf import DTYPES
+    from faspx.models import load_config, load_model
+
+    check_out(out, force)
+    check_export(target, atol)
+    config, _ = load_config(model_name)  # a directory without config.json is a UsageError here
+    source_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    hf_dtype = dtype if dtype != "auto" else source_dtype if source_dtype in DTYPES else "float32"
+    info = FaspInfo.of_dir(model_name) if Path(model_name).expanduser().is_dir() else None
+    if info is None:
+        log.info("%s has no fasp.json: recording it as an unpruned source", model_name)
+        info = FaspInfo(source_model=model_name, form="dense", pruned=False)
+    log.info("loading %s", model_name)
+    # The ONNX graph and its validation run in float32; an HF-only export keeps the checkpoint's dtype.
+    model, tokenizer, _ = load_model(model_name, dtype=torch.float32 if target != "hf" else "auto")
+    with atomic_dir(out, force) as tmp:
+        results = export_targets(model, tokenizer, tmp, target, info, hf_dtype=hf_dtype, fp16=fp16,
+                                 opset=opset, exporter=exporter, atol=atol)
+    return model, info, results
+
+
+def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | None = None, *,
+          calib: Calibration = Calibration(), target: str = "all", device: str = "auto", dtype: str = "auto",
+          save_dtype: str = "float32", fp16: bool = False, atol: float | None = None,
+          eval_dataset: str | None = None, eval_windows: int | None = None, bench: bool = False,
+          force: bool = False, progress: bool = True, command: str = "") -> BuildResult:
+    """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
+
+    ``eval_dataset`` adds dense and pruned perplexity; ``bench`` then benchmarks dense vs pruned
+    into OUT/bench. ``command`` is logged first in build.log.
+
+    Example:
+        >>> built = build("~/.cache/faspx/smollm2-135m", 0.3, Path("out/x"), target="hf")  # doctest: +SKIP
+    """
+    recipe = get_recipe(recipe)
+    check_out(out, force)
+    check_export(target, atol)
+    check_form(recipe, target, bench)
+    start = time.perf_counter()
+    with atomic_dir(out, force) as tmp:
+        # build.log keeps every step at INFO level, whatever -q says for the terminal.
+        handler = logging.FileHandler(tmp / "build.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+        try:
+            if command:
+                log.info("%s", command)
+            result = prune_model(model_name, sparsity, recipe, calib=calib, device=device, dtype=dtype,
+                                 progress=progress)
+            info, model = result.info, result.model
+            t = time.perf_counter()
+            info.exports = export_targets(model, result.tokenizer, tmp, target, info, hf_dtype=save_dtype,
+                                          fp16=fp16, atol=atol)
+            info.timings["export_s"] = time.perf_counter() - t
+            if eval_dataset:
+                info.eval = evaluate_both(model_name, model, eval_dataset, eval_windows, device, dtype, progress)
+            info.write(tmp / "fasp.json")
+            log.info("done in %.1fs", time.perf_counter() - start)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+    built = BuildResult(out, info, params_stored=sum(p.numel() for p in model.parameters()))
+    if bench:
+        from faspx.benchmarks.report import write_report
+        from faspx.benchmarks.run import run_bench
+        from faspx.models import local_dir
+
+        backends = ("torch", "onnxruntime") if target != "hf" else ("torch",)
+        positions = getattr(model.config, "max_position_embeddings", 4096)
+        built.bench = run_bench(local_dir(model_name), out, backends=backends, device=device, batches=(1,),
+                                prompt_len=min(128, positions // 2), new_tokens=min(64, positions // 4),
+                                repeats=3, progress=progress)
+        with atomic_dir(out / "bench") as tmp:
+            write_report(built.bench, tmp)
+    return built
+
+
+def load_any(model_name: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object]:
+    """A model to run (eval, generate): stock, or a faspx nemotron-nas output (dispatched on its fasp.json)."""
+    from faspx.models import load_model, output_form, resolve
+
+    source, _ = resolve(model_name)
+    if output_form(source) == "nemotron-nas":
+        from faspx.exporters.hf import load_nas
+
+        return load_nas(source, dtype=dtype)
+    model, tokenizer, _ = load_model(model_name, dtype=dtype)
+    return model, tokenizer
+
+
+def evaluate_both(dense_name: str, pruned: nn.Module, dataset: str, windows: int | None, device: str,
+                  dtype: str, progress: bool) -> dict:
+    """Perplexity of the dense source and of the pruned model, same windows, same settings, in the
+    forward dtype of the prune (``auto``: bf16 on CUDA, fp32 on the CPU)."""
+    from faspx.data import eval_ids
+    from faspx.eval import perplexity
+    from faspx.models import load_model
+    from faspx.prune import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    eval_dtype = resolve_dtype(dtype, dev)
+    dense, tokenizer, _ = load_model(dense_name, dtype=eval_dtype)
+    ids = eval_ids(tokenizer, dataset)
+    seqlen = min(2048, getattr(dense.config, "max_position_embeddings", 2048))
+    log.info("perplexity of the dense model")
+    dense_ppl = perplexity(dense, ids, seqlen, max_windows=windows, device=dev, progress=progress)
+    del dense
+    log.info("perplexity of the pruned model")
+    pruned_ppl = perplexity(copy.deepcopy(pruned).to(eval_dtype), ids, seqlen, max_windows=windows, device=dev,
+                            progress=progress)
+    return {"dataset": dataset, "seqlen": seqlen, "windows": min(ids.numel() // seqlen, windows or 10**9),
+            "dtype": str(eval_dtype).removeprefix("torch."), "dense": dense_ppl, "pruned": pruned_ppl}
