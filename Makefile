@@ -27,10 +27,11 @@ test:
 lint:
 	$(VENV)/bin/ruff check faspx exporters benchmarks tests
 
-# The whole job on the real SmolLM2-135M: prune (32 x 512 C4 tokens), export HF + ONNX, validate,
-# perplexity on 10 WikiText-2 windows, and the benchmark report (PyTorch and onnxruntime, CPU).
+# The whole job on the real SmolLM2-135M with the default recipe (quality): prune (32 x 512 C4 tokens)
+# and distil, export HF + ONNX, validate, perplexity on 10 WikiText-2 windows, and the benchmark report
+# (PyTorch and onnxruntime, CPU).
 demo: model
 	@model=$$($(PY) -m faspx.demo_model); set -x; \
-	$(VENV)/bin/faspx build --model $$model --sparsity 0.3 --structure mlp --calib $(C4) \
+	$(VENV)/bin/faspx build --model $$model --sparsity 0.3 --calib $(C4) \
 	  --nsamples 32 --seqlen 512 --target all --out $(DEMO_DIR) --eval --eval-dataset $(WIKI) \
 	  --eval-windows 10 --bench --force

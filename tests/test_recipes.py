@@ -75,3 +75,30 @@ def test_the_table_has_a_row_per_preset():
     rows = table()
     assert [r["name"] for r in rows] == list(PRESETS) and all(r["what"] for r in rows)
     assert set(FIELDS) >= {"structure", "selection", "restore", "damp", "guard", "ffn_widths", "distill"}
+
+
+# Where each figure of faspx.recipes.MEASURED was measured: (file in benchmarks/results, row, sparsity).
+MEASURED_ROWS = {
+    ("paper", "ppl_0.2"): ("acc-full-128x2048.json", "paper", 0.2),
+    ("paper", "ppl_0.3"): ("acc-full-128x2048.json", "paper", 0.3),
+    ("wanda", "ppl_0.2"): ("acc-full-128x2048.json", "wanda", 0.2),
+    ("quality", "ppl_0.3"): ("acc-full-128x2048-obs.json", "mlp+obs+damp-auto+distill16-step512", 0.3),
+}
+
+
+def test_every_measured_figure_is_a_row_of_a_results_file():
+    from pathlib import Path
+
+    from faspx.recipes import MEASURED
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    figures = {(name, key): value for name, row in MEASURED.items() for key, value in row.items()}
+    assert set(figures) == set(MEASURED_ROWS)
+    for (name, key), (file, method, sparsity) in MEASURED_ROWS.items():
+        data = json.loads((results / file).read_text())
+        assert data["settings"]["nsamples"] == 128 and data["settings"]["max_windows"] is None
+        (row,) = [r for r in data["rows"] if r["method"] == method and r["sparsity"] == sparsity]
+        if key.startswith("ppl"):
+            assert figures[name, key] == round(row["ppl"], 2), (name, key)
+        else:
+            assert figures[name, key] == round(row["seconds"] / data["dense_forward_s"], 2), (name, key)
