@@ -82,9 +82,10 @@ def cli_flags(recipe) -> str:
               help="Comma-separated presets (faspx.recipes).")
 @click.option("--set", "overrides", multiple=True, help="FIELD=VALUE override of every recipe (repeatable).")
 @click.option("--dtype", default="bfloat16", help="Forward dtype while pruning and evaluating.")
+@click.option("--times-only", is_flag=True, help="Time the dense forward and each recipe; no perplexity (ppl null).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON results (appended per row).")
 def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windows, sparsities, recipe_names,
-         overrides, dtype, out):
+         overrides, dtype, times_only, out):
     """Run the sweep and print a Markdown table; results land in --out as they come."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,6 +112,8 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     def ppl(model):
+        if times_only:
+            return None
         return perplexity(copy.deepcopy(model).to(fwd), test_ids, eval_seqlen, max_windows=max_windows)
 
     if ("dense", 0.0) not in done:
@@ -138,6 +141,8 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
             results["rows"].append(row)
             save()
             print(json.dumps(row), flush=True)
+    if times_only:  # the rows printed above carry the times; the tables need perplexities
+        return
     print(markdown(results))
     print(by_sparsity(results))
 

@@ -83,6 +83,10 @@ MEASURED_ROWS = {
     ("paper", "ppl_0.3"): ("acc-full-128x2048.json", "paper", 0.3),
     ("wanda", "ppl_0.2"): ("acc-full-128x2048.json", "wanda", 0.2),
     ("quality", "ppl_0.3"): ("acc-full-128x2048-obs.json", "mlp+obs+damp-auto+distill16-step512", 0.3),
+    ("quality", "ppl_0.2"): ("build-quality-0.2.json", "quality", 0.2),  # `faspx build` with no method flag
+    ("quality", "time_x"): ("recipes-times-128x2048.json", "quality", 0.2),
+    ("fast", "ppl_0.2"): ("acc-full-128x2048.json", "mlp", 0.2),  # the old --structure mlp: fast's fields
+    ("fast", "time_x"): ("recipes-times-128x2048.json", "fast", 0.2),
 }
 
 
