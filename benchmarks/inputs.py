@@ -39,6 +39,57 @@ def variant_dirs(dense: Path, pruned: Path) -> dict[str, dict[str, Path | None]]
     return dirs
 
 
+# The config fields that must agree for two checkpoints to be a dense model and a pruning of it.
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings")
+
+
+def _same_place(recorded: str, directory: Path) -> bool:
+    """Whether fasp.json's ``source_model`` (a path, or a hub id) is ``directory``."""
+    candidates = [Path(recorded).expanduser()]
+    if not recorded.startswith((".", "/", "~")) and recorded.count("/") == 1:  # a hub id: its cached snapshot
+        try:
+            from faspx.models import local_dir
+
+            candidates.append(local_dir(recorded))
+        except Exception:  # noqa: BLE001 - not in the cache: it cannot be this directory
+            pass
+    return any(c.exists() and c.resolve() == directory.resolve() for c in candidates)
+
+
+def check_pair(dirs: dict, configs: dict) -> list[str]:
+    """UsageError unless ``--pruned`` is a pruning of ``--dense`` and both are models faspx supports.
+
+    The pruned output's fasp.json names its source: where that is the dense directory, the pair is
+    right. Otherwise (no fasp.json, or another source) the two must share the architecture and the
+    shapes pruning leaves alone (SHAPE_FIELDS); the pair is then measured with a warning, returned
+    for the report's notes.
+    """
+    from faspx.adapters import adapter_for
+
+    for name, config in configs.items():
+        try:
+            adapter_for(config)
+        except UsageError as err:
+            raise UsageError(f"--{name} {dirs[name]['root']}: {err}") from None
+    differ = [f"{f} {getattr(configs['dense'], f, None)} vs {getattr(configs['pruned'], f, None)}"
+              for f in SHAPE_FIELDS if getattr(configs["dense"], f, None) != getattr(configs["pruned"], f, None)]
+    info = FaspInfo.of_dir(dirs["pruned"]["root"]) or FaspInfo.of_dir(dirs["pruned"]["hf"])
+    named = info is not None and any(_same_place(info.source_model, dirs["dense"][k]) for k in ("root", "hf"))
+    if differ:
+        source = f" (its fasp.json says it was pruned from {info.source_model})" if info is not None else ""
+        raise UsageError(f"--pruned {dirs['pruned']['root']} is not a pruning of --dense {dirs['dense']['root']}"
+                         f"{source}: {', '.join(differ)}")
+    if named:
+        return []
+    why = (f"its fasp.json names {info.source_model} as the source" if info is not None
+           else "it has no fasp.json naming its source")
+    note = (f"--pruned {dirs['pruned']['root']}: {why}, not --dense {dirs['dense']['root']}; the two share the "
+            "architecture and shapes, so they are compared, but check that this is the dense model it came from")
+    log.warning("%s", note)
+    return [note]
+
+
 def onnx_settings(root: Path, onnx_dir: Path) -> dict:
     """How an existing export was made: {'fp16', 'opset', 'exporter'}, from the build's ``fasp.json``
     (``exports.onnx``) where there is one, else from the export's ``config.json`` dtype and defaults."""

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from faspx.benchmarks import memory
 from faspx.benchmarks.backends import BACKENDS, load_runner, ort_device, unavailable
 from faspx.benchmarks.environment import environment
-from faspx.benchmarks.inputs import export_for_bench, onnx_settings, variant_dirs
+from faspx.benchmarks.inputs import check_pair, export_for_bench, onnx_settings, variant_dirs
 from faspx.benchmarks.timing import figures, interleave, ratios
 from faspx.errors import UsageError
 
@@ -112,23 +112,33 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     """
     from transformers import AutoConfig
 
+    from faspx.models import check_config_file, check_weight_files
     from faspx.outputs import atomic_dir, check_out
+    from faspx.pipeline import check_eval
     from faspx.prune import resolve_device
 
+    # Every check that needs no weights first: outputs, options, the pair, the evaluation text.
     if out is not None:
         check_out(out, force)
     backends, batches = tuple(backends), tuple(batches)
     dev = resolve_device(device)
     dirs = variant_dirs(Path(dense), Path(pruned))
+    for d in dirs.values():
+        check_config_file(d["hf"] / "config.json")
+        check_weight_files(d["hf"])
     configs = {name: AutoConfig.from_pretrained(d["hf"]) for name, d in dirs.items()}
     _check(backends, batches, prompt_len, new_tokens, repeats, warmup, configs)
+    pair_notes = check_pair(dirs, configs)
+    if eval:
+        for dataset in eval_datasets:
+            check_eval(dataset, max_windows)
     report: dict = {
         "environment": environment(dev),
         "settings": {"dense": str(dense), "pruned": str(pruned), "backends": list(backends), "device": device,
                      "batches": list(batches), "prompt_len": prompt_len, "new_tokens": new_tokens,
                      "repeats": repeats, "warmup": warmup, "seed": seed, "eval": eval,
                      "eval_datasets": list(eval_datasets) if eval else [], "max_windows": max_windows},
-        "roofline": roofline(configs), "results": [], "skipped": [], "notes": [],
+        "roofline": roofline(configs), "results": [], "skipped": [], "notes": pair_notes,
         "memory_definitions": MEMORY_DEFINITIONS,
     }
     for name, d in dirs.items():

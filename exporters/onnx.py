@@ -53,10 +53,15 @@ from faspx.errors import FaspxError, UsageError
 from faspx.exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, write_config, write_side_files
 from faspx.models import cache_keyword, returned_cache
 from faspx.outputs import FaspInfo
+from faspx.progress import steps
 
 log = logging.getLogger("faspx")
 
 DEFAULT_OPSET = 18
+# The dynamo exporter writes opset 18 at least (asked for less, it writes 18); the TorchScript one
+# writes what it is asked for, down to MIN_OPSET.
+DYNAMO_MIN_OPSET = 18
+MIN_OPSET = 14
 EXPORTERS = ("auto", "dynamo", "torchscript")
 # The protobuf limit is 2 GiB for the whole file; keep headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
@@ -206,7 +211,8 @@ def _export_torchscript(wrapper: KVDecoder, args: tuple, opset: int, path: Path,
 
 
 def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo | None = None, fp16: bool = False,
-                opset: int = DEFAULT_OPSET, exporter: str = "auto", external_data: bool | None = None) -> dict:
+                opset: int = DEFAULT_OPSET, exporter: str = "auto", external_data: bool | None = None,
+                progress: bool = False) -> dict:
     """Export ``model`` as ``out_dir/model.onnx`` (decoder with KV cache) plus config, tokenizer, fasp.json.
 
     ``fp16`` exports float16 weights and KV cache (from a float16 copy when the model is not float16;
@@ -214,9 +220,14 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo 
     (dynamo, TorchScript if dynamo fails), ``dynamo`` or ``torchscript``. ``external_data`` forces
     (True) or forbids (False) ``model.onnx_data``; None decides by size. Returns {dir, files, bytes,
     exporter, opset, dtype, external_data, seconds}. Check the result with ``validate_onnx``.
+    ``progress`` shows the steps (tracing takes minutes on a real model).
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
+    check_opset(opset, exporter)
+    if exporter == "auto" and opset < DYNAMO_MIN_OPSET:
+        log.info("opset %d is older than the dynamo exporter writes: using the TorchScript exporter", opset)
+        exporter = "torchscript"
     out_dir = Path(out_dir)
     dtype = torch.float16 if fp16 else torch.float32
     n_params = sum(p.numel() for p in model.parameters())
@@ -230,10 +241,11 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo 
     path = out_dir / "model.onnx"
     start = time.perf_counter()
     used = None
-    with export_mode(net):
+    with steps("ONNX export", 3 if exporter == "torchscript" else 2, progress) as bar, export_mode(net):
         wrapper = KVDecoder(net).eval()
         args = example_inputs(net.config, dtype, device)
         if exporter in ("auto", "dynamo"):
+            bar.next("dynamo: trace, convert, optimize, save")
             try:
                 external = _export_dynamo(wrapper, args, opset, path, external_data)
                 used = "dynamo"
@@ -244,15 +256,36 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo 
                             type(err).__name__, str(err).splitlines()[0] if str(err) else "")
                 for stale in (path, out_dir / EXTERNAL_DATA_FILE):
                     stale.unlink(missing_ok=True)
+                bar.bar.total += 1
         if used is None:
+            bar.next("torchscript: trace, save")
             external = _export_torchscript(wrapper, args, opset, path, external_data)
             used = "torchscript"
-    seconds = time.perf_counter() - start
-    write_config(net, out_dir, "float16" if fp16 else "float32")
-    write_side_files(net, tokenizer, out_dir, fasp_info)
-    log.info("ONNX export (%s, opset %d) took %.1fs", used, opset, seconds)
-    return {**dir_summary(out_dir), "exporter": used, "opset": opset, "dtype": "float16" if fp16 else "float32",
+        seconds = time.perf_counter() - start
+        bar.next("config, tokenizer, fasp.json")
+        written = graph_opset(path)  # what the file says, whatever was asked
+        write_config(net, out_dir, "float16" if fp16 else "float32")
+        write_side_files(net, tokenizer, out_dir, fasp_info)
+    log.info("ONNX export (%s, opset %d) took %.1fs", used, written, seconds)
+    return {**dir_summary(out_dir), "exporter": used, "opset": written, "dtype": "float16" if fp16 else "float32",
             "external_data": bool(external), "seconds": seconds}
+
+
+def check_opset(opset: int, exporter: str = "auto") -> None:
+    """UsageError for an opset the exporter cannot write (cheap: before any model is loaded)."""
+    if opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: faspx exports opset {MIN_OPSET} or newer")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise UsageError(f"--opset {opset}: the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer; use "
+                         "--exporter torchscript (or auto) for an older opset")
+
+
+def graph_opset(path: str | Path) -> int:
+    """The default-domain opset a written ONNX file declares (its weights are not read)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _left_padded_batch(vocab: int, batch: int, length: int, pad_id: int, seed: int):
@@ -269,7 +302,7 @@ def _left_padded_batch(vocab: int, batch: int, length: int, pad_id: int, seed: i
 
 @torch.no_grad()
 def validate_onnx(onnx_dir: str | Path, model: nn.Module, atol: float | None = None, batch: int = 3,
-                  length: int = 8, decode_steps: int = 3, seed: int = 0) -> dict:
+                  length: int = 8, decode_steps: int = 3, seed: int = 0, progress: bool = False) -> dict:
     """Compare the exported graph with ``model`` in PyTorch on fresh random, left-padded inputs.
 
     Prefill (past length 0) and ``decode_steps`` single-token steps on top of the graph's own cache;
@@ -278,13 +311,23 @@ def validate_onnx(onnx_dir: str | Path, model: nn.Module, atol: float | None = N
     the bound is atol * max(1, max |PyTorch logit|) (defaults: ATOL_FP32 = 1e-3 for float32 graphs,
     ATOL_FP16 = 1e-1 for float16 ones), because float32 rounding through a deep real model grows with
     the logits' magnitude (a 30-layer model with logits near 30 shows ~2e-3). Beyond it, or on NaN,
-    a FaspxError is raised. Returns the max abs diffs and the bound applied.
+    a FaspxError is raised. Returns the max abs diffs and the bound applied. ``progress`` shows the steps.
     """
+    from faspx.exporters.ort_runtime import OnnxDecoder
+
+    with steps("ONNX validation", 2 + decode_steps, progress) as bar:
+        bar.next("loading the graph in onnxruntime")
+        dec = OnnxDecoder(onnx_dir, device="cpu")
+        return _compare(dec, onnx_dir, model, atol, batch, length, decode_steps, seed, bar)
+
+
+def _compare(dec, onnx_dir, model: nn.Module, atol: float | None, batch: int, length: int, decode_steps: int,
+             seed: int, bar) -> dict:
     from transformers import DynamicCache
 
-    from faspx.exporters.ort_runtime import OnnxDecoder, positions
+    from faspx.exporters.ort_runtime import positions
 
-    dec = OnnxDecoder(onnx_dir, device="cpu")
+    bar.next("prefill, ONNX and PyTorch")
     if atol is None:
         atol = ATOL_FP16 if dec.kv_dtype == np.float16 else ATOL_FP32
     config = model.config.get_text_config(decoder=True)
@@ -318,7 +361,8 @@ def validate_onnx(onnx_dir: str | Path, model: nn.Module, atol: float | None = N
                                                    .transpose(0, 2, 1, 3)[keep].max()))
     decode_diff = 0.0
     nxt = torch.from_numpy(ref[:, -1].argmax(-1))[:, None]
-    for _ in range(decode_steps):
+    for step in range(decode_steps):
+        bar.next(f"decode step {step + 1}")
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
         ref = torch_run(nxt, mask, cache)
         scale = max(scale, float(np.abs(ref).max()))

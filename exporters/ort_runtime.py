@@ -55,6 +55,13 @@ def select_providers(device: str = "auto") -> tuple[list, str]:
     raise UsageError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
+def check_prompt_tokens(prompts: list[str], length: int) -> None:
+    """UsageError when the prompts tokenize to nothing (an empty prompt, a tokenizer that adds no BOS)."""
+    if length == 0:
+        raise UsageError(f"the prompt{'s' if len(prompts) > 1 else ''} {prompts!r} tokenize to no token (this "
+                         "tokenizer adds no BOS token): give some prompt text")
+
+
 class OnnxDecoder:
     """A decoder-only ONNX graph with KV cache, run by onnxruntime; greedy generation with left padding.
 
@@ -69,8 +76,13 @@ class OnnxDecoder:
         providers, device = select_providers(device)
         self.device_type, _, index = device.partition(":")
         self.device_id = int(index or 0)
-        self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), sess_options=session_options,
-                                            providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), sess_options=session_options,
+                                                providers=providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a damaged file
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(f"{self.model_dir / 'model.onnx'} could not be loaded by onnxruntime ({first}): is it "
+                             "complete (model.onnx_data beside it, if it has one)? export it again") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         for name in ("input_ids", "attention_mask", "past_key_values.0.key"):
             if name not in inputs:
@@ -191,6 +203,7 @@ class OnnxDecoder:
         """Tokenize (left padding), generate greedily, and decode only the new tokens."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         enc = self.tokenizer(prompts, return_tensors="np", padding=True)
+        check_prompt_tokens(prompts, enc["input_ids"].shape[1])
         out = self.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
                             pad_token_id=self.tokenizer.pad_token_id if self.pad_token_id is None else None)
         return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -2,18 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import click
 import torch
 
-from faspx.errors import FaspxError
+from faspx.errors import FaspxError, UsageError
 
 log = logging.getLogger("faspx")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every cleanup runs."""
+
+
+def _on_signal(signum, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM and SIGHUP (``timeout``, ``kill``, SLURM, Kubernetes, a closed terminal) unwind the
+    command as Ctrl-C does: temporary outputs are removed, nothing half-written is left as OUT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted_line(err: KeyboardInterrupt, written: list) -> str:
+    """What an interruption leaves: nothing, or the outputs that were complete before it."""
+    why = f"interrupted ({err.args[0]})" if isinstance(err, Interrupted) and err.args else "interrupted"
+    if not written:
+        return f"{why}; nothing was written"
+    done = ", ".join(str(p) for p in written)
+    return f"{why}; complete before the interruption: {done}; nothing after it was written"
 
 
 def verbosity(fn):
@@ -23,9 +59,12 @@ def verbosity(fn):
     @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
     @functools.wraps(fn)
     def wrapper(*args, quiet: bool, verbose: bool, **kwargs):
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from faspx import outputs
+
         level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
         logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-        logging.getLogger().handlers[0].setLevel(level)  # a file log may lower the faspx logger's level
         for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         if quiet:
@@ -33,8 +72,14 @@ def verbosity(fn):
 
             transformers.utils.logging.disable_progress_bar()
             transformers.utils.logging.set_verbosity_error()
+        written_before = len(outputs.WRITTEN)
+        hint = "" if verbose else " (run with -v for the traceback)"
         try:
-            return fn(*args, progress=not quiet, **kwargs)
+            # log lines go through tqdm's writer, above the progress bars instead of into them
+            with interruptible(), logging_redirect_tqdm():
+                for handler in logging.getLogger().handlers:  # tqdm's replacement handler has no level
+                    handler.setLevel(level)
+                return fn(*args, progress=not quiet, **kwargs)
         except click.exceptions.Exit:
             raise
         except FaspxError as err:  # UsageError included: exit 2
@@ -42,17 +87,15 @@ def verbosity(fn):
         except torch.OutOfMemoryError as err:
             _fail(FaspxError("out of memory: lower --nsamples/--seqlen, use --dtype bfloat16, or "
                              "--device cpu"), verbose, 1, cause=err)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(1)
+        except KeyboardInterrupt as err:
+            _fail(FaspxError(interrupted_line(err, outputs.WRITTEN[written_before:])), verbose, 1, cause=err)
         except Exception as err:  # noqa: BLE001 - anything unforeseen still gets one line
-            _fail(FaspxError(f"{type(err).__name__}: {err} (run with -v for the traceback)"), verbose, 1,
-                  cause=err)
+            _fail(FaspxError(f"{type(err).__name__}: {err}{hint}"), verbose, 1, cause=err)
 
     return wrapper
 
 
-def _fail(err: Exception, verbose: bool, code: int, cause: Exception | None = None) -> None:
+def _fail(err: Exception, verbose: bool, code: int, cause: BaseException | None = None) -> None:
     if verbose:
         import traceback
 
@@ -81,8 +124,9 @@ def prune_options(fn):
                           "the best stock model faspx makes; --recipe paper is FASP as published."),
         click.option("--calib", default="wikitext2", show_default=True,
                      help="Calibration text: wikitext2, c4, or a .txt/.jsonl/.parquet file."),
-        click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows."),
-        click.option("--seqlen", type=int, default=2048, show_default=True,
+        click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Calibration windows."),
+        click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
                      help="Tokens per window (capped at the model's max positions)."),
         click.option("--structure", type=click.Choice(["fasp", "mlp", "auto"]), default=None,
                      help="Override: fasp (FFN + V/O pairs at one ratio), mlp (the whole budget in the FFN), "
@@ -111,6 +155,9 @@ def prune_options(fn):
                      help="Forward dtype while pruning: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample."),
         click.option("--force", is_flag=True, help="Replace --out if it exists."),
+        click.option("--resume", is_flag=True,
+                     help="Keep a checkpoint after every pruned layer (beside OUT) and continue from it when the "
+                          "same command is run again after an interruption; the output is the same bytes."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -133,6 +180,27 @@ def split_prune_options(options: dict):
     return model_name, sparsity, recipe, calib, options.pop("device"), options.pop("dtype")
 
 
+def command_line(ctx: click.Context) -> str:
+    """The command as parsed, every option spelled out (defaults too): what build.log opens with, so that
+    the line reruns the same build whatever shell, wrapper or defaults the next faspx has."""
+    import shlex
+
+    words = ["faspx", ctx.command.name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None or param.name in ("quiet", "verbose"):
+            continue
+        if param.is_flag:
+            if param.secondary_opts and not value:
+                words.append(param.secondary_opts[0])
+            elif value:
+                words.append(param.opts[0])
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        words.extend([param.opts[0], ",".join(str(v) for v in values)])
+    return shlex.join(words)
+
+
 def removed_line(info) -> str:
     """What the prune removed, for the summary."""
     p, r = info.params, info.prune
@@ -147,7 +215,7 @@ def removed_line(info) -> str:
 @prune_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @verbosity
-def prune(out: Path, force: bool, progress: bool, **options) -> None:
+def prune(out: Path, force: bool, resume: bool, progress: bool, **options) -> None:
     """Prune a model and save it as a loadable HF directory with fasp.json."""
     from faspx.outputs import check_out
     from faspx.pipeline import prune_model, save_pruned
@@ -155,7 +223,8 @@ def prune(out: Path, force: bool, progress: bool, **options) -> None:
     check_out(out, force)
     model_name, sparsity, recipe, calib, device, dtype = split_prune_options(options)
     start = time.perf_counter()
-    result = prune_model(model_name, sparsity, recipe, calib=calib, device=device, dtype=dtype, progress=progress)
+    result = prune_model(model_name, sparsity, recipe, calib=calib, device=device, dtype=dtype, progress=progress,
+                         out=out, resume=resume)
     save_pruned(result, out, force)
     click.echo(f"pruned {model_name} to {out} in {time.perf_counter() - start:.1f}s")
     click.echo(f"  {removed_line(result.info)}")
@@ -181,12 +250,13 @@ def recipes() -> None:
 @click.option("--model", "model_name", required=True, help="Hub id or local model directory.")
 @click.option("--dataset", default="wikitext2", show_default=True,
               help="wikitext2 (test split), c4 (validation), or a .txt/.jsonl/.parquet file.")
-@click.option("--seqlen", type=int, default=2048, show_default=True, help="Window length.")
-@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Window length (capped at the model's max positions).")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Evaluate only the first N windows.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
-              help="Also write the result to this JSON file.")
+              help="Also write the result to this JSON file (replaced if it exists).")
 @verbosity
 def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None, device: str, dtype: str,
              json_out: Path | None, progress: bool) -> None:
@@ -194,30 +264,47 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
     (model.onnx) is evaluated in onnxruntime."""
     from faspx.data import eval_ids
     from faspx.eval import perplexity
-    from faspx.outputs import write_json
-    from faspx.pipeline import load_any
+    from faspx.models import check_config_file, check_weight_files, load_tokenizer, resolve
+    from faspx.outputs import check_file_out, write_json
+    from faspx.pipeline import check_eval, load_any
     from faspx.prune import resolve_device, resolve_dtype
 
+    # Everything that needs no weights first: the text, the windows, the output file, the device.
+    check_eval(dataset, max_windows, seqlen)
+    if json_out:
+        check_file_out(json_out)
     dev = resolve_device(device)
-    if (Path(model_name).expanduser() / "model.onnx").exists():  # an ONNX export runs in onnxruntime
+    eval_dtype = resolve_dtype(dtype, dev)
+    source, _ = resolve(model_name)
+    onnx = (Path(source) / "model.onnx").exists()
+    if Path(source).is_dir():
+        check_config_file(Path(source) / "config.json")
+        check_weight_files(source)
+        positions = json.loads((Path(source) / "config.json").read_text()).get("max_position_embeddings")
+        if positions and seqlen > positions:
+            log.info("--seqlen %d is above the model's %d positions: windows of %d", seqlen, positions, positions)
+            seqlen = positions
+    ids = eval_ids(load_tokenizer(model_name), dataset)
+    if ids.numel() < seqlen:
+        raise UsageError(f"{dataset} has {ids.numel()} tokens, fewer than one window of {seqlen}: give more "
+                         "text or a lower --seqlen")
+    if onnx:  # an ONNX export runs in onnxruntime
         from faspx.exporters.ort_runtime import OnnxDecoder
 
-        decoder = OnnxDecoder(Path(model_name).expanduser(), device=dev.type)
-        tokenizer = decoder.tokenizer
+        decoder = OnnxDecoder(Path(source), device=str(dev))
 
         def model(x):
             return torch.from_numpy(decoder.prefill(x.numpy())[0])
     else:
-        model, tokenizer = load_any(model_name, dtype=resolve_dtype(dtype, dev))
-    ids = eval_ids(tokenizer, dataset)
+        model, _ = load_any(model_name, dtype=eval_dtype)
     start = time.perf_counter()
     ppl = perplexity(model, ids, seqlen, max_windows=max_windows, device=dev, progress=progress)
     windows = min(ids.numel() // seqlen, max_windows or 10**9)
     result = {"model": model_name, "dataset": dataset, "seqlen": seqlen, "windows": windows,
               "perplexity": ppl, "seconds": time.perf_counter() - start}
+    click.echo(f"perplexity {ppl:.4f} ({dataset}, {windows} windows of {seqlen}, {model_name})")
     if json_out:
         write_json(json_out, result)
-    click.echo(f"perplexity {ppl:.4f} ({dataset}, {windows} windows of {seqlen}, {model_name})")
 
 
 def _size(nbytes: int) -> str:
@@ -242,11 +329,14 @@ def _files_line(summary: dict) -> str:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Saved weights of the HF export (auto: the source checkpoint's dtype).")
 @click.option("--fp16", is_flag=True, help="ONNX graph in float16 (weights and KV cache); default float32.")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="ONNX opset (14 or newer; below 18 the TorchScript exporter writes it). The summary and "
+                   "fasp.json give the opset the file declares.")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
               show_default=True, help="torch.onnx exporter; auto: dynamo, TorchScript if dynamo fails.")
 @click.option("--atol", type=float, default=None,
-              help="Bound on max |logits ONNX - PyTorch| [default: 1e-3 for fp32, 1e-1 for --fp16].")
+              help="Validation bound, relative: max |logits ONNX - PyTorch| must stay below atol x max |logit| "
+                   "[default: 1e-3 for fp32, 1e-1 for --fp16].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @verbosity
 def export_cmd(model_name: str, target: str, out: Path, dtype: str, fp16: bool, opset: int, exporter: str,
@@ -256,7 +346,7 @@ def export_cmd(model_name: str, target: str, out: Path, dtype: str, fp16: bool, 
 
     start = time.perf_counter()
     model, _, results = export(model_name, out, target, dtype=dtype, fp16=fp16, opset=opset, exporter=exporter,
-                               atol=atol, force=force)
+                               atol=atol, force=force, progress=progress)
     click.echo(f"exported {model_name} to {out} in {time.perf_counter() - start:.1f}s")
     click.echo(f"  {sum(p.numel() for p in model.parameters()):,} parameters stored")
     echo_exports(results)
@@ -278,6 +368,7 @@ def echo_exports(results: dict) -> None:
 
 def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
     """Greedy generation in PyTorch for an HF directory (the ONNX path is exporters.OnnxDecoder)."""
+    from faspx.exporters.ort_runtime import check_prompt_tokens
     from faspx.pipeline import load_any
     from faspx.prune import resolve_device
 
@@ -288,6 +379,7 @@ def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, de
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(dev)
+    check_prompt_tokens(prompts, enc["input_ids"].shape[1])
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
@@ -301,14 +393,21 @@ def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, de
               help="Prompt text; repeat it for a batch (left-padded).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens to generate (greedy).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: CUDA when onnxruntime (or torch) has it, else the CPU.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (auto: CUDA when onnxruntime, or torch, has it, else the CPU).")
 @verbosity
 def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str, progress: bool) -> None:
     """Greedy generation with an exported model; prints each prompt followed by its continuation."""
     from faspx.exporters.files import require_model_dir
 
+    empty = [i + 1 for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise UsageError(f"--prompt number {', '.join(map(str, empty))} is empty: give some prompt text")
     model_dir = require_model_dir(model_dir)
+    if device != "auto" and not (model_dir / "model.onnx").exists():
+        from faspx.prune import resolve_device
+
+        resolve_device(device)  # checked before the model is loaded
     if (model_dir / "model.onnx").exists():
         from faspx.exporters.ort_runtime import OnnxDecoder
 
@@ -327,16 +426,18 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, dev
 @click.option("--save-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="Weights of the HF export.")
 @click.option("--fp16", is_flag=True, help="ONNX graph in float16 (for GPUs).")
-@click.option("--atol", type=float, default=None, help="Bound on the ONNX vs PyTorch logits diff.")
+@click.option("--atol", type=float, default=None,
+              help="Validation bound, relative: max |logits ONNX - PyTorch| must stay below atol x max |logit| "
+                   "[default: 1e-3, 1e-1 with --fp16].")
 @click.option("--eval", "with_eval", is_flag=True, help="Add dense and pruned perplexity to the report.")
 @click.option("--eval-dataset", default="wikitext2", show_default=True, help="wikitext2, c4 or a text file.")
-@click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--eval-windows", type=click.IntRange(min=1), default=None, help="Evaluate only the first N windows.")
 @click.option("--bench", "with_bench", is_flag=True,
               help="Then benchmark dense vs pruned (torch and onnxruntime, batch 1) into OUT/bench.")
 @verbosity
 def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | None, with_eval: bool,
-          eval_dataset: str, eval_windows: int | None, with_bench: bool, force: bool, progress: bool,
-          **options) -> None:
+          eval_dataset: str, eval_windows: int | None, with_bench: bool, force: bool, resume: bool,
+          progress: bool, **options) -> None:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
     The default recipe, quality, gives the best stock model faspx makes (`faspx recipes`)."""
@@ -347,7 +448,7 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
     built = run_build(model_name, sparsity, out, recipe, calib=calib, target=target, device=device, dtype=dtype,
                       save_dtype=save_dtype, fp16=fp16, atol=atol, eval_dataset=eval_dataset if with_eval else None,
                       eval_windows=eval_windows, bench=with_bench, force=force, progress=progress,
-                      command="faspx " + " ".join(sys.argv[1:]))
+                      command=command_line(click.get_current_context()), resume=resume)
     info = built.info
     click.echo(f"built {out} from {model_name} in {time.perf_counter() - start:.1f}s")
     click.echo(f"  {removed_line(info)}")
@@ -384,7 +485,7 @@ def _csv(kind):
 @click.option("--eval", "with_eval", is_flag=True, help="Add dense and pruned perplexity to the report.")
 @click.option("--eval-dataset", "eval_datasets", default="wikitext2", show_default=True, callback=_csv(str),
               help="wikitext2, c4 or text/parquet files, comma-separated.")
-@click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--eval-windows", type=click.IntRange(min=1), default=None, help="Evaluate only the first N windows.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
               help="Report directory: report.json, report.md, report.png.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -393,12 +494,17 @@ def bench(dense: str, pruned: str, backends: tuple[str, ...], device: str, batch
           new_tokens: int, repeats: int, warmup: int, with_eval: bool, eval_datasets: tuple[str, ...],
           eval_windows: int | None, out: Path, force: bool, progress: bool) -> None:
     """Tokens/s, latency and memory of dense vs pruned, interleaved, as JSON, Markdown and a plot."""
+    from faspx.benchmarks.report import write_report
     from faspx.benchmarks.run import run_bench
+    from faspx.outputs import atomic_dir, check_out
 
+    check_out(out, force)  # before any work; the report is printed first, then written
     report = run_bench(dense, pruned, backends=backends, device=device, batches=batches, prompt_len=prompt_len,
                        new_tokens=new_tokens, repeats=repeats, warmup=warmup, eval=with_eval,
-                       eval_datasets=eval_datasets, max_windows=eval_windows, progress=progress, out=out, force=force)
+                       eval_datasets=eval_datasets, max_windows=eval_windows, progress=progress)
     echo_bench(report, out)
+    with atomic_dir(out, force) as tmp:
+        write_report(report, tmp)
 
 
 def echo_bench(report: dict, out: Path) -> None:

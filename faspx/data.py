@@ -34,7 +34,7 @@ def load_texts(source: str, split: str = "train") -> list[str]:
             raise UsageError(f"text source {source!r} is neither {' / '.join(NAMED)} nor an existing file")
         return _read_local(path)
     if hub_offline():
-        raise FaspxError(
+        raise UsageError(
             f"dataset {source!r} comes from the Hugging Face hub, which is offline (HF_HUB_OFFLINE is set); "
             "pass a local .txt/.jsonl/.parquet file instead"
         )
@@ -50,23 +50,67 @@ def load_texts(source: str, split: str = "train") -> list[str]:
     return list(rows["text"])
 
 
+def check_text_source(source: str, what: str = "text") -> None:
+    """Every check of a text source that needs no model (UsageError): a named set needs the hub, a
+    file must exist, parse and hold some text. ``what`` names the option in the message.
+
+    Example:
+        >>> check_text_source("/no/such.txt", "--calib")
+        Traceback (most recent call last):
+        ...
+        faspx.errors.UsageError: --calib '/no/such.txt' is neither wikitext2 / c4 nor an existing file
+    """
+    if source in NAMED:
+        if hub_offline():
+            raise UsageError(f"{what} {source!r} comes from the Hugging Face hub, which is offline (HF_HUB_OFFLINE "
+                             "is set); pass a local .txt/.jsonl/.parquet file instead")
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{what} {source!r} is neither {' / '.join(NAMED)} nor an existing file")
+    docs = _read_local(path)
+    if not any(doc.strip() for doc in docs):
+        raise UsageError(f"{what} {path} holds no text")
+
+
 def _read_local(path: Path) -> list[str]:
-    if path.suffix == ".txt":
-        return [path.read_text()]
-    if path.suffix == ".jsonl":
-        with path.open() as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if rows and "text" not in rows[0]:
-            raise UsageError(f"{path}: jsonl rows need a 'text' field")
-        return [r["text"] for r in rows]
-    if path.suffix == ".parquet":
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise UsageError(f"{path}: unsupported text file; use one of {', '.join(LOCAL_SUFFIXES)}")
+    try:
+        if path.suffix == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        if "text" not in table.column_names:
-            raise UsageError(f"{path}: parquet file needs a 'text' column (has {table.column_names})")
-        return table.column("text").to_pylist()
-    raise UsageError(f"{path}: unsupported text file; use one of {', '.join(LOCAL_SUFFIXES)}")
+    except UsageError:
+        raise
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it to UTF-8") from None
+    except OSError as err:
+        raise UsageError(f"{path} could not be read: {err}") from None
+    except Exception as err:  # noqa: BLE001 - pyarrow raises its own types for a damaged file
+        raise UsageError(f"{path} could not be read as parquet: {err}") from None
+    if "text" not in table.column_names:
+        raise UsageError(f"{path}: parquet file needs a 'text' column (has {table.column_names})")
+    return [t for t in table.column("text").to_pylist() if t is not None]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{path} line {number} is not JSON: {err.msg}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UsageError(f"{path} line {number}: jsonl rows need a 'text' field holding a string")
+            texts.append(row["text"])
+    return texts
 
 
 def calibration_ids(tokenizer, source: str, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:

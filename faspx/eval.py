@@ -27,6 +27,8 @@ def perplexity(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], ids: t
         >>> perplexity(m, torch.randint(0, 50, (1, 64)), 32, progress=False) > 1
         True
     """
+    if seqlen < 2 or (max_windows is not None and max_windows < 1):
+        raise UsageError(f"need seqlen >= 2 and max_windows >= 1 (got {seqlen}, {max_windows})")
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import socket
 from pathlib import Path
@@ -68,8 +69,58 @@ def load_config(model: str):
             f"{model} is a per-layer-widths checkpoint (nemotron-nas form): `faspx eval` runs it, vLLM "
             "serves it; it cannot be pruned, exported or benchmarked again"
         )
-    config = AutoConfig.from_pretrained(source, **extra)
+    if Path(source).is_dir():
+        check_config_file(Path(source) / "config.json")
+        check_weight_files(source)
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+    except (OSError, ValueError, KeyError) as err:
+        where = Path(source) / "config.json" if Path(source).is_dir() else source
+        raise UsageError(f"{where} could not be read as a transformers config: {str(err).splitlines()[0]}") from None
     return config, adapter_for(config)
+
+
+def check_config_file(path: Path) -> None:
+    """UsageError naming ``path`` unless it is a JSON object (a truncated or edited config.json)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}); restore it from the model's source") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a JSON object; restore it from the model's source")
+
+
+def check_weight_files(directory: str | Path) -> None:
+    """UsageError naming the file when a ``*.safetensors`` file in ``directory`` is truncated or not
+    safetensors: its header says where every tensor ends, so this reads a few KB, not the weights.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "model.safetensors").write_bytes(b"short")
+        >>> check_weight_files(d)
+        Traceback (most recent call last):
+        ...
+        faspx.errors.UsageError: ...model.safetensors is not a complete safetensors file (5 bytes, ...
+    """
+    for path in sorted(Path(directory).expanduser().glob("*.safetensors")):
+        size = path.stat().st_size
+        why = None
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if n < 2 or 8 + n > size:
+                    why = "no complete header"
+                else:
+                    header = json.loads(f.read(n))
+                    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                    if 8 + n + end > size:
+                        why = f"the header says {8 + n + end:,} bytes"
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            why = "an unreadable header"
+        if why:
+            raise UsageError(f"{path} is not a complete safetensors file ({size:,} bytes, {why}): it was cut "
+                             "short (an interrupted copy or download?); copy or export it again")
 
 
 def meta_model(config) -> nn.Module:
@@ -94,13 +145,25 @@ def load_model(model: str, dtype: torch.dtype | str = "auto") -> tuple[nn.Module
     Example:
         >>> model, tok, adapter = load_model("~/.cache/faspx/smollm2-135m")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, extra = resolve(model)
     config, adapter = load_config(model)
     net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    return net, tokenizer, adapter
+    return net, load_tokenizer(model), adapter
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of ``model`` alone (cheap: a prune tokenizes its calibration text before it loads
+    any weight, so that bad text costs no model load)."""
+    from transformers import AutoTokenizer
+
+    source, extra = resolve(model)
+    try:
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{model} has no usable tokenizer ({str(err).splitlines()[0]}): faspx needs its "
+                         "tokenizer files beside config.json") from None
 
 
 def local_dir(model: str) -> Path:

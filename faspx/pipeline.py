@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from faspx.checkpoint import Checkpoint, checkpoint_dir, model_stamp
 from faspx.errors import UsageError
 from faspx.outputs import FaspInfo, atomic_dir, check_out
 from faspx.recipes import Recipe, get_recipe
@@ -35,6 +36,13 @@ class PruneResult:
     model: nn.Module
     tokenizer: object
     info: FaspInfo
+    # the resume checkpoint the prune kept (removed once the output is written)
+    checkpoint: Checkpoint | None = None
+
+    def written(self) -> None:
+        """The output is complete: its checkpoint is no longer needed."""
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
 
 
 @dataclass
@@ -60,6 +68,7 @@ class Calibration:
 def check_prune(model_name: str, sparsity: float, recipe: Recipe, calib: Calibration, device: str, dtype: str):
     """Every check of a prune that needs no weights; returns (config, adapter, device, dtype, seqlen)."""
     from faspx.budget import plan
+    from faspx.data import check_text_source
     from faspx.models import load_config, meta_model
     from faspx.prune import check_ffn_widths, resolve_device, resolve_dtype
 
@@ -70,6 +79,7 @@ def check_prune(model_name: str, sparsity: float, recipe: Recipe, calib: Calibra
     if recipe.distill > calib.nsamples:
         raise UsageError(f"--distill {recipe.distill} (recipe {recipe.name}) needs at least as many calibration "
                          f"windows (--nsamples {calib.nsamples}): raise --nsamples, or lower --distill (0: none)")
+    check_text_source(calib.source, "--calib")
     config, adapter = load_config(model_name)
     plan(meta_model(config), adapter, sparsity, recipe.structure)
     check_ffn_widths(config, adapter, recipe)
@@ -79,10 +89,36 @@ def check_prune(model_name: str, sparsity: float, recipe: Recipe, calib: Calibra
     return config, adapter, dev, fwd_dtype, seqlen
 
 
+def prune_checkpoint(out: Path, model_name: str, sparsity: float, recipe: Recipe, calib: Calibration,
+                     device: torch.device, dtype: torch.dtype, resume: bool) -> Checkpoint | None:
+    """The resume checkpoint of output ``out`` (``--resume``), checked against this command; without
+    ``resume``, None, and a word about a checkpoint an interrupted run left."""
+    from faspx import __version__
+
+    directory = checkpoint_dir(out)
+    if not resume:
+        if directory.exists():
+            log.warning("an interrupted run left a checkpoint in %s: pass --resume to go on from it (this run "
+                        "starts over and removes it when done)", directory)
+        return None
+    source = Path(calib.source).expanduser()
+    calib_key = {"source": calib.source, "nsamples": calib.nsamples, "seqlen": calib.seqlen, "seed": calib.seed}
+    if source.is_file():
+        calib_key["file"] = [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns]
+    key = {"model": model_stamp(model_name), "sparsity": sparsity, "recipe": recipe.to_dict(),
+           "calibration": calib_key, "device": str(device), "dtype": str(dtype), "faspx": __version__}
+    checkpoint = Checkpoint(directory, key)
+    checkpoint.check()
+    return checkpoint
+
+
 def prune_model(model_name: str, sparsity: float, recipe: Recipe | str | None = None, *,
                 calib: Calibration = Calibration(), device: str = "auto", dtype: str = "auto",
-                progress: bool = True) -> PruneResult:
+                progress: bool = True, out: Path | None = None, resume: bool = False) -> PruneResult:
     """Load ``model_name``, calibrate, prune with ``recipe`` (default ``quality``) and distil if it says so.
+
+    With ``resume``, a checkpoint beside ``out`` (the output this prune is for) keeps every pruned layer,
+    and a rerun after an interruption continues from it (``faspx.checkpoint``).
 
     Example:
         >>> result = prune_model("~/.cache/faspx/smollm2-135m", 0.2, "fast")  # doctest: +SKIP
@@ -91,19 +127,25 @@ def prune_model(model_name: str, sparsity: float, recipe: Recipe | str | None = 
     """
     from faspx.data import calibration_ids
     from faspx.distill import distill
-    from faspx.models import load_model, revision
+    from faspx.models import load_model, load_tokenizer, revision
     from faspx.prune import prune
 
     recipe = get_recipe(recipe)
     config, adapter, dev, fwd_dtype, seqlen = check_prune(model_name, sparsity, recipe, calib, device, dtype)
-    log.info("loading %s", model_name)
-    model, tokenizer, _ = load_model(model_name)
+    if resume and out is None:
+        raise UsageError("resume needs the output path (out) its checkpoint belongs to")
+    checkpoint = prune_checkpoint(out, model_name, sparsity, recipe, calib, dev, fwd_dtype, resume) if out else None
+    # The calibration windows first: text too short for them costs no model load.
+    tokenizer = load_tokenizer(model_name)
     log.info("calibration: %d x %d tokens of %s", calib.nsamples, seqlen, calib.source)
     calib_ids = calibration_ids(tokenizer, calib.source, calib.nsamples, seqlen, calib.seed)
+    log.info("loading %s", model_name)
+    model, _, _ = load_model(model_name)
     # The teacher of distillation, kept in the forward dtype (distill copies it again only to move it to a GPU).
     dense = copy.deepcopy(model).to(dtype=fwd_dtype) if recipe.distill else None
     log.info("pruning %d layers on %s in %s with recipe %s", len(adapter.layers(model)), dev, fwd_dtype, recipe.name)
-    report = prune(model, calib_ids, sparsity, recipe, device=dev, dtype=fwd_dtype, progress=progress)
+    report = prune(model, calib_ids, sparsity, recipe, device=dev, dtype=fwd_dtype, progress=progress,
+                   checkpoint=checkpoint)
     info = FaspInfo(
         source_model=model_name, form=report.form, revision=revision(model), architecture=adapter.family,
         model_type=config.model_type, sparsity=sparsity, recipe=recipe.to_dict(),
@@ -117,7 +159,8 @@ def prune_model(model_name: str, sparsity: float, recipe: Recipe | str | None = 
         info.distill, info.timings["distill_s"] = done.to_dict(), done.seconds
         del dense
     info.params = param_counts(model, adapter)
-    return PruneResult(model, tokenizer, info)
+    stale = checkpoint_dir(out) if out is not None and checkpoint is None and checkpoint_dir(out).exists() else None
+    return PruneResult(model, tokenizer, info, checkpoint or (Checkpoint(stale, {}) if stale else None))
 
 
 def param_counts(model: nn.Module, adapter) -> dict:
@@ -136,12 +179,14 @@ def save_pruned(result: PruneResult, out: Path, force: bool = False) -> dict:
     from faspx.exporters.hf import export_hf
 
     with atomic_dir(out, force) as tmp:
-        return export_hf(result.model, result.tokenizer, tmp, result.info, dtype="auto")
+        summary = export_hf(result.model, result.tokenizer, tmp, result.info, dtype="auto")
+    result.written()
+    return summary
 
 
 def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: FaspInfo, *,
                    hf_dtype: str = "float32", fp16: bool = False, opset: int = 18, exporter: str = "auto",
-                   atol: float | None = None) -> dict:
+                   atol: float | None = None, progress: bool = False) -> dict:
     """Write OUT/hf and/or OUT/onnx (validated against ``model``); return their summaries."""
     from faspx.exporters.hf import export_hf
     from faspx.exporters.onnx import export_onnx, validate_onnx
@@ -153,30 +198,53 @@ def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: Fa
         model = model.float()  # the graph and its validation are traced in float32 (fp16 is a cast)
         log.info("exporting the ONNX graph")
         results["onnx"] = export_onnx(model, tokenizer, out / "onnx", info, fp16=fp16, opset=opset,
-                                      exporter=exporter)
+                                      exporter=exporter, progress=progress)
         log.info("validating the ONNX graph against PyTorch")
-        results["validation"] = validate_onnx(out / "onnx", model, atol=atol)
+        results["validation"] = validate_onnx(out / "onnx", model, atol=atol, progress=progress)
     return results
 
 
-def check_export(target: str, atol: float | None) -> None:
-    """The export checks that need no weights: the target and the validation bound."""
+def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto",
+                 recipe: Recipe | None = None, bench: bool = False) -> None:
+    """The export checks that need no weights: the target, the validation bound, the opset, and that
+    a recipe whose output is not stock (per-layer widths) goes to HF only, without a benchmark."""
+    from faspx.exporters.onnx import check_opset
+
     if target not in TARGETS:
         raise UsageError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     if atol is not None and not atol > 0:
         raise UsageError(f"--atol must be > 0 (got {atol})")
-
-
-def check_form(recipe: Recipe, target: str, bench: bool) -> None:
-    """A recipe whose output is not stock (per-layer widths) exports to HF only, and is not benchmarked."""
-    if not recipe.stock and (target != "hf" or bench):
+    if target != "hf":
+        check_opset(opset, exporter)
+    if recipe is not None and not recipe.stock and (target != "hf" or bench):
         raise UsageError(f"recipe {recipe.name} has per-layer FFN widths: its output is a nemotron-nas checkpoint, "
                          "not a stock one: use --target hf without --bench (the ONNX export and the benchmark take "
                          "stock models)")
 
 
+def check_eval(dataset: str, windows: int | None, seqlen: int = 2048) -> None:
+    """The perplexity checks that need no model: the text source, the window count and length."""
+    from faspx.data import check_text_source
+
+    if windows is not None and windows < 1:
+        raise UsageError(f"--eval-windows/--max-windows must be at least 1 (got {windows}); leave it out for all")
+    if seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2 (got {seqlen}): a window predicts its tokens 2..N")
+    check_text_source(dataset, "the evaluation dataset")
+
+
+def eval_seqlen(config, seqlen: int) -> int:
+    """``seqlen`` capped at the model's max positions (logged when it is)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and seqlen > positions:
+        log.info("--seqlen %d is above the model's %d positions: windows of %d", seqlen, positions, positions)
+        return positions
+    return seqlen
+
+
 def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "auto", fp16: bool = False,
-           opset: int = 18, exporter: str = "auto", atol: float | None = None, force: bool = False) -> tuple:
+           opset: int = 18, exporter: str = "auto", atol: float | None = None, force: bool = False,
+           progress: bool = False) -> tuple:
     """``faspx export``: an existing model directory (pruned or not) to OUT/hf and/or OUT/onnx.
 
     Returns (model, FaspInfo, the exports' summaries).
@@ -184,9 +252,9 @@ def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "aut
     from faspx.exporters.hf import DTYPES
     from faspx.models import load_config, load_model
 
-    check_out(out, force)
-    check_export(target, atol)
+    check_export(target, atol, opset, exporter)
     config, _ = load_config(model_name)  # a directory without config.json is a UsageError here
+    check_out(out, force)
     source_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     hf_dtype = dtype if dtype != "auto" else source_dtype if source_dtype in DTYPES else "float32"
     info = FaspInfo.of_dir(model_name) if Path(model_name).expanduser().is_dir() else None
@@ -198,7 +266,7 @@ def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "aut
     model, tokenizer, _ = load_model(model_name, dtype=torch.float32 if target != "hf" else "auto")
     with atomic_dir(out, force) as tmp:
         results = export_targets(model, tokenizer, tmp, target, info, hf_dtype=hf_dtype, fp16=fp16,
-                                 opset=opset, exporter=exporter, atol=atol)
+                                 opset=opset, exporter=exporter, atol=atol, progress=progress)
     return model, info, results
 
 
@@ -206,19 +274,21 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
           calib: Calibration = Calibration(), target: str = "all", device: str = "auto", dtype: str = "auto",
           save_dtype: str = "float32", fp16: bool = False, atol: float | None = None,
           eval_dataset: str | None = None, eval_windows: int | None = None, bench: bool = False,
-          force: bool = False, progress: bool = True, command: str = "") -> BuildResult:
+          force: bool = False, progress: bool = True, command: str = "", resume: bool = False) -> BuildResult:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
     ``eval_dataset`` adds dense and pruned perplexity; ``bench`` then benchmarks dense vs pruned
-    into OUT/bench. ``command`` is logged first in build.log.
+    into OUT/bench. ``command`` is logged first in build.log. ``resume``: see ``prune_model``.
 
     Example:
         >>> built = build("~/.cache/faspx/smollm2-135m", 0.3, Path("out/x"), target="hf")  # doctest: +SKIP
     """
     recipe = get_recipe(recipe)
+    check_export(target, atol, recipe=recipe, bench=bench)
+    if eval_dataset:
+        check_eval(eval_dataset, eval_windows)
+    check_prune(model_name, sparsity, recipe, calib, device, dtype)
     check_out(out, force)
-    check_export(target, atol)
-    check_form(recipe, target, bench)
     start = time.perf_counter()
     with atomic_dir(out, force) as tmp:
         # build.log keeps every step at INFO level, whatever -q says for the terminal.
@@ -230,11 +300,11 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
             if command:
                 log.info("%s", command)
             result = prune_model(model_name, sparsity, recipe, calib=calib, device=device, dtype=dtype,
-                                 progress=progress)
+                                 progress=progress, out=out, resume=resume)
             info, model = result.info, result.model
             t = time.perf_counter()
             info.exports = export_targets(model, result.tokenizer, tmp, target, info, hf_dtype=save_dtype,
-                                          fp16=fp16, atol=atol)
+                                          fp16=fp16, atol=atol, progress=progress)
             info.timings["export_s"] = time.perf_counter() - t
             if eval_dataset:
                 info.eval = evaluate_both(model_name, model, eval_dataset, eval_windows, device, dtype, progress)
@@ -243,6 +313,7 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
         finally:
             log.removeHandler(handler)
             handler.close()
+    result.written()
     built = BuildResult(out, info, params_stored=sum(p.numel() for p in model.parameters()))
     if bench:
         from faspx.benchmarks.report import write_report

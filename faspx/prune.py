@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from faspx.adapters import Adapter, Pair, adapter_for
 from faspx.budget import Budget, candidates, plan
+from faspx.checkpoint import Checkpoint
 from faspx.errors import FaspxError, UsageError
 from faspx.recipes import Recipe, get_recipe
 from faspx.restore import reconstruction_error
@@ -37,7 +38,6 @@ AUTO_SAMPLES = 8
 # ffn_widths="per-layer" measures each layer's error curves on the first calibration samples holding
 # this many tokens (and at least 4 per FFN channel, so that the Gram is well sampled).
 WIDTH_TOKENS = 16384
-FORMS = ("stock", "nemotron-nas")
 
 
 @dataclass
@@ -85,12 +85,27 @@ class PruneReport:
         return asdict(self)
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` (or None) picks CUDA when it is there, else the CPU."""
+    """``auto`` (or None) picks CUDA when it is there, else the CPU; ``cpu``, ``cuda`` and ``cuda:N``
+    are checked against what is visible (UsageError).
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -117,6 +132,7 @@ def prune(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
+    checkpoint: Checkpoint | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with ``recipe`` (default: ``quality``) and return what was done.
 
@@ -126,7 +142,8 @@ def prune(
     which does both). The FFN pair shrinks physically (the config's FFN width is updated); the V/O
     pair is zeroed at full width so that the result stays a stock transformers model. With per-layer
     FFN widths (LLaMA only) the report's ``form`` is ``nemotron-nas``: faspx.exporters.hf writes it in
-    the form vLLM serves.
+    the form vLLM serves. With ``checkpoint`` (``faspx.checkpoint``) every pruned layer is saved, and a
+    prune that finds one continues after its last saved layer, to the same bytes.
 
     Example:
         >>> import torch; from transformers import AutoModelForCausalLM, OPTConfig
@@ -155,6 +172,52 @@ def prune(
 
     layers = adapter.layers(model)
     stream = Stream.capture(model, layers, calib_ids, device, dtype)
+    state = checkpoint.state() if checkpoint is not None else None
+    if state is not None:
+        start_layer, layer_budgets, residual = _resume(checkpoint, layers, stream, budget, report)
+    else:
+        start_layer = 0
+        layer_budgets, residual = _plan_layers(model, adapter, layers, stream, pairs, budget, sparsity, recipe, report,
+                                               progress)
+    bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress, initial=start_layer)
+    try:
+        for i in range(start_layer, len(layers)):
+            results = prune_layer(layers[i], stream, pairs, layer_budgets[i], recipe, index=i, residual=residual)
+            report.layers.append({p: PairResult.of(s, budget.units[p]) for p, s in results.items()})
+            bar.update(1)
+            bar.set_postfix({p: f"{s.err_restored if s.restored else s.err_removed:.3g}" for p, s in results.items()})
+            log.info("layer %d: %s", i, ", ".join(
+                f"{p} kept {len(s.keep)} err {s.err_removed:.4g}"
+                + (f" -> {s.err_restored:.4g}" if s.err_restored is not None else "")
+                for p, s in results.items()))
+            if checkpoint is not None:
+                checkpoint.save(i + 1, layers[i], stream.hidden, {
+                    "residual": residual, "layer_n_remove": [b.n_remove for b in layer_budgets],
+                    "report": report.to_dict()})
+    except KeyboardInterrupt:
+        if checkpoint is not None and checkpoint.state() is not None:
+            log.warning("%d of %d layers are pruned and saved in %s: run the same command with --resume to go on",
+                        checkpoint.state()["done"], len(layers), checkpoint.directory)
+        raise
+    finally:
+        bar.close()
+    widths = adapter.ffn_widths(model)
+    if len(set(widths)) > 1:
+        report.form, report.layer_widths = "nemotron-nas", widths
+        # In memory the config keeps one width (the largest); faspx.exporters.hf writes the per-layer ones.
+        setattr(model.config, adapter.ffn_width_key, max(widths))
+    else:
+        set_ffn_width(model, adapter)
+        report.layer_widths = widths if recipe.ffn_widths == "per-layer" else None
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _plan_layers(model: nn.Module, adapter: Adapter, layers: nn.ModuleList, stream: Stream, pairs: list[Pair],
+                 budget: Budget, sparsity: float, recipe: Recipe, report: PruneReport,
+                 progress: bool) -> tuple[list[Budget], str | None]:
+    """The decisions taken before the walk: how each layer advances the stream, the split (structure
+    auto) and each layer's budget (per-layer widths). Recorded in ``report``."""
     # Where the FFN's output is the last addition to the residual stream, the layer's next inputs are
     # made from the FFN statistics pass (residual + restored consumer) instead of a rerun of the layer.
     residual = adapter.ffn_residual_input(model.config)
@@ -172,25 +235,21 @@ def prune(
         layer_budgets, report.width_errors = choose_widths(layers, stream, pairs, budget, recipe, progress=progress)
         report.removed_fraction = sum(b.removed_fraction for b in layer_budgets) / len(layers)
         log.info("per-layer FFN widths: %s", [budget.units["ffn"] - b.n_remove["ffn"] for b in layer_budgets])
-    bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress)
-    for i in bar:
-        results = prune_layer(layers[i], stream, pairs, layer_budgets[i], recipe, index=i, residual=residual)
-        report.layers.append({p: PairResult.of(s, budget.units[p]) for p, s in results.items()})
-        bar.set_postfix({p: f"{s.err_restored if s.restored else s.err_removed:.3g}" for p, s in results.items()})
-        log.info("layer %d: %s", i, ", ".join(
-            f"{p} kept {len(s.keep)} err {s.err_removed:.4g}"
-            + (f" -> {s.err_restored:.4g}" if s.err_restored is not None else "")
-            for p, s in results.items()))
-    widths = adapter.ffn_widths(model)
-    if len(set(widths)) > 1:
-        report.form, report.layer_widths = "nemotron-nas", widths
-        # In memory the config keeps one width (the largest); faspx.exporters.hf writes the per-layer ones.
-        setattr(model.config, adapter.ffn_width_key, max(widths))
-    else:
-        set_ffn_width(model, adapter)
-        report.layer_widths = widths if recipe.ffn_widths == "per-layer" else None
-    report.seconds = time.perf_counter() - start
-    return report
+    return layer_budgets, residual
+
+
+def _resume(checkpoint: Checkpoint, layers: nn.ModuleList, stream: Stream, budget: Budget,
+            report: PruneReport) -> tuple[int, list[Budget], str | None]:
+    """Load a checkpoint into the layers, the stream and the report: where to go on, each layer's budget,
+    and how layers advance the stream (the decisions of the interrupted run, not taken again)."""
+    state = checkpoint.load(layers, stream.hidden)
+    saved = state["report"]
+    for name in ("n_remove", "removed_fraction", "splits", "width_errors"):
+        setattr(report, name, saved[name])
+    report.layers = [{p: PairResult(**r) for p, r in layer.items()} for layer in saved["layers"]]
+    layer_budgets = [dataclasses.replace(budget, n_remove=n) for n in state["layer_n_remove"]]
+    log.info("resuming from %s: layers 0-%d are pruned already", checkpoint.directory, state["done"] - 1)
+    return state["done"], layer_budgets, state["residual"]
 
 
 def check_ffn_widths(config, adapter: Adapter, recipe: Recipe) -> None:

@@ -138,6 +138,8 @@ def test_run_bench_interleaves_and_reports_medians_with_a_fake_clock(tiny_dirs, 
         assert dense["memory"]["kv_cache_bytes"] == 2 * 2 * batch * 2 * (4 + 3 - 1) * 24 * 4  # layers*2*b*kv*len*hd*B
     # the narrower FFN reads fewer bytes per decode step
     assert report["roofline"]["ideal_decode_speedup"] > 1
+    # no fasp.json names the dense model: measured, since the shapes agree, with a note saying so
+    assert any("no fasp.json" in note for note in report["notes"])
     assert report["pruned"]["params"] < report["dense"]["params"]
 
 
@@ -255,7 +257,41 @@ def test_report_writes_without_any_result(tmp_path):
     assert "(no batch-1 run)" in paths["md"].read_text()
 
 
+def test_bench_refuses_a_pair_that_is_not_a_model_and_its_pruning(tiny_dirs, tmp_path):
+    from faspx.errors import UsageError
+
+    config = TINY_CONFIGS["llama"]()
+    config.num_hidden_layers = 3
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(UsageError, match="num_hidden_layers 2 vs 3"):
+        run_bench(tiny_dirs["dense"], tmp_path / "deeper", backends=("torch",), prompt_len=8, new_tokens=4,
+                  progress=False)
+
+
 def test_bench_needs_a_model_directory(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--dense", str(tmp_path), "--pruned", str(tmp_path),
                                        "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "config.json" in result.output
+
+
+def test_bench_prints_its_ratios_before_writing_the_report(tiny_dirs, tmp_path, monkeypatch):
+    import faspx.benchmarks.report
+
+    class Instant:
+        device, dtype, kv_bytes_per_value, weight_bytes = "cpu", "float32", 4, 1000
+
+        def sample(self, ids, new_tokens, clock, at_end=None):
+            return time_generation(lambda: sum(range(100)), lambda _s: sum(range(100)), new_tokens, clock, at_end)
+
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faspx.benchmarks.run, "load_runner", lambda *_a, **_k: Instant())
+    monkeypatch.setattr(faspx.benchmarks.report, "write_report", full_disk)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["bench", "--dense", str(tiny_dirs["dense"]), "--pruned", str(tiny_dirs["pruned"]),
+                                       "--backend", "torch", "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
+                                       "--repeats", "1", "--out", str(out), "-q"])
+    assert result.exit_code == 1 and "No space left" in result.output
+    assert result.output.index("pruned/dense decode tokens/s") < result.output.index("error:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "pruned"]  # no report, no temporary directory

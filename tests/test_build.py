@@ -1,6 +1,8 @@
 """faspx build end to end: prune -> export (hf + onnx) -> validate, offline from a local directory."""
 
 import json
+import os
+import stat
 
 import pytest
 from click.testing import CliRunner
@@ -40,7 +42,15 @@ def test_build_all_produces_the_layout(model_dir, text_file, tmp_path, monkeypat
     assert info["eval"]["dense"] > 1 and info["eval"]["pruned"] > 1
     assert AutoModelForCausalLM.from_pretrained(out / "hf").config.intermediate_size == len(keep)
     assert (out / "onnx" / "model.onnx").stat().st_size > 0
-    assert "validating the ONNX graph" in (out / "build.log").read_text()
+    umask = os.umask(0)
+    os.umask(umask)  # the output is readable as the umask says, not 0700/0600 as mkdtemp and writers leave it
+    for path in (out, out / "hf", out / "hf" / "model.safetensors", out / "onnx" / "model.onnx"):
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+    log = (out / "build.log").read_text()
+    assert "validating the ONNX graph" in log and log.count("writing the HF checkpoint") == 1
+    first = log.splitlines()[0].split(" ", 2)[2]  # after the date and time
+    assert first.startswith(f"faspx build --model {model_dir} --sparsity 0.3 --recipe quality ") and "-q" not in first
     assert "built" in output and "ONNX vs PyTorch" in output and "perplexity" in output
 
 

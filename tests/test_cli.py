@@ -196,3 +196,69 @@ def test_verbose_shows_the_traceback(tmp_path, text_file):
     assert code == 2 and "Traceback" in output
     code, output = run(*prune_args(tmp_path / "nowhere", text_file, tmp_path / "o"))
     assert "Traceback" not in output
+
+
+def test_eval_caps_seqlen_at_the_models_positions_and_prints_before_writing(model_dir, text_file, tmp_path,
+                                                                            monkeypatch):
+    import faspx.outputs
+
+    code, output = run("eval", "--model", model_dir, "--dataset", text_file, "--seqlen", "4096", "--max-windows",
+                       "2", "--json", tmp_path / "e.json")
+    assert code == 0, output
+    assert "windows of 128" in output and "above the model's 128 positions" in output  # tiny llama: 128
+    assert json.loads((tmp_path / "e.json").read_text())["seqlen"] == 128
+
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faspx.outputs, "write_json", full_disk)
+    code, output = run("eval", "--model", model_dir, "--dataset", text_file, "--seqlen", "64", "--max-windows", "1",
+                       "--json", tmp_path / "f.json", "-q")
+    assert code == 1 and "No space left" in output
+    assert output.index("perplexity") < output.index("error:")  # the result reached the user first
+
+
+def test_verbose_failures_do_not_ask_for_verbose(model_dir, text_file, tmp_path, monkeypatch):
+    import faspx.pipeline
+
+    def broken(*_a, **_k):
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(faspx.pipeline, "prune_model", broken)
+    code, output = run(*prune_args(model_dir, text_file, tmp_path / "o"))
+    assert code == 1 and "something unforeseen (run with -v for the traceback)" in output
+    code, output = run(*prune_args(model_dir, text_file, tmp_path / "o"), "-v")
+    assert code == 1 and "Traceback" in output and "run with -v" not in output
+
+
+def test_atol_help_says_the_bound_is_relative():
+    for command in ("export", "build"):
+        code, output = run(command, "--help")
+        assert code == 0 and "atol x max |logit|" in " ".join(output.split())
+
+
+def test_log_lines_go_through_the_progress_bars_writer():
+    import logging
+
+    import click
+
+    from faspx.cli import verbosity
+
+    seen = []
+
+    @click.command()
+    @verbosity
+    def probe(progress):
+        seen.extend((type(h).__module__, h.level) for h in logging.getLogger().handlers)
+
+    assert CliRunner().invoke(probe, ["-q"]).exit_code == 0
+    # tqdm's handler writes with tqdm.write, above the bars; -q still silences INFO lines
+    assert seen == [("tqdm.contrib.logging", logging.WARNING)]
+
+
+def test_generate_takes_cuda_n_like_the_other_commands(model_dir):
+    code, output = run("generate", "--model", model_dir, "--prompt", "Hi", "--device", "cuda:1")
+    if torch.cuda.device_count() > 1:
+        assert code == 0, output
+    else:
+        assert code == 2 and "--device cuda:1" in output and "no such option" not in output.lower()

@@ -91,6 +91,25 @@ def test_generate_with_an_hf_directory(exported):
     assert text.startswith(PROMPTS[0])
 
 
+def test_the_summary_gives_the_opset_the_file_declares(pruned_dir, tmp_path):
+    import onnx
+
+    code, output = run("export", "--model", pruned_dir, "--target", "onnx", "--opset", "14", "--out", tmp_path / "o",
+                       "-q")
+    assert code == 0, output
+    declared = onnx.load(str(tmp_path / "o" / "onnx" / "model.onnx"), load_external_data=False).opset_import
+    assert [o.version for o in declared if o.domain in ("", "ai.onnx")] == [14]
+    assert "torchscript exporter, opset 14" in output  # dynamo would have written 18
+
+
+def test_onnx_export_and_validation_show_their_steps(pruned_dir, tmp_path):
+    result = CliRunner().invoke(main, ["export", "--model", str(pruned_dir), "--target", "onnx", "--out",
+                                       str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "ONNX export: 2/2 steps" in result.output and "ONNX validation: 5/5 steps" in result.output
+    assert "decode step 3" in result.output
+
+
 def test_bad_input_exits_2(exported, pruned_dir, tmp_path):
     out, _, _ = exported
     code, output = run("export", "--model", pruned_dir, "--target", "bogus", "--out", tmp_path / "x")

@@ -51,3 +51,17 @@ def test_eval_ids_join_rows_with_blank_lines(opt_tokenizer, shared):
     ids = eval_ids(opt_tokenizer, str(shared / "data" / "wikitext2-raw-v1-test.parquet"))
     # data/README.md: "\n\n".join(rows) is 287,645 OPT tokens
     assert ids.shape == (1, 287645)
+
+
+def test_bad_bytes_and_broken_rows_name_the_file(tmp_path):
+    from faspx.data import check_text_source
+
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"latin1\.txt is not UTF-8 text \(byte 3"):
+        load_texts(str(tmp_path / "latin1.txt"))
+    (tmp_path / "rows.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
+    with pytest.raises(UsageError, match=r"rows\.jsonl line 2"):
+        load_texts(str(tmp_path / "rows.jsonl"))
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(UsageError, match="holds no text"):
+        check_text_source(str(tmp_path / "blank.txt"), "--calib")
