@@ -289,9 +289,9 @@ def test_bench_prints_its_ratios_before_writing_the_report(tiny_dirs, tmp_path, 
     monkeypatch.setattr(faspx.benchmarks.run, "load_runner", lambda *_a, **_k: Instant())
     monkeypatch.setattr(faspx.benchmarks.report, "write_report", full_disk)
     out = tmp_path / "report"
-    result = CliRunner().invoke(main, ["bench", "--dense", str(tiny_dirs["dense"]), "--pruned", str(tiny_dirs["pruned"]),
-                                       "--backend", "torch", "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
-                                       "--repeats", "1", "--out", str(out), "-q"])
+    args = ["bench", "--dense", str(tiny_dirs["dense"]), "--pruned", str(tiny_dirs["pruned"]), "--backend", "torch",
+            "--batch", "1", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--out", str(out), "-q"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "No space left" in result.output
     assert result.output.index("pruned/dense decode tokens/s") < result.output.index("error:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "pruned"]  # no report, no temporary directory
