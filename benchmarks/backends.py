@@ -20,8 +20,6 @@ from faspx.benchmarks.timing import Sample, time_generation
 from faspx.models import cache_keyword, returned_cache
 
 BACKENDS = ("torch", "onnxruntime", "vllm")
-# Two vLLM engines (dense and pruned) share one GPU in this process: each gets this fraction.
-VLLM_GPU_FRACTION = 0.4
 
 
 def unavailable(backend: str, device: torch.device) -> str | None:
@@ -35,13 +33,9 @@ def unavailable(backend: str, device: torch.device) -> str | None:
             return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
         return None
     if backend == "vllm":
-        if device.type != "cuda":
-            return "vLLM needs a CUDA GPU and this run has none"
-        try:
-            import vllm  # noqa: F401
-        except Exception as err:  # noqa: BLE001 - ImportError, or a vllm build that does not match torch
-            return f"vllm does not import here ({type(err).__name__}: {err})"
-        return None
+        from faspx.benchmarks.vllm_client import unavailable_reason
+
+        return unavailable_reason()
     return f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})"
 
 
@@ -130,45 +124,47 @@ class OrtRunner:
 
 
 class VllmRunner:
-    """vLLM offline engine (bf16, CUDA graphs). Its API returns whole generations, so the time to first
-    token is a ``max_tokens=1`` generation and each decode step is the rest of a full generation
-    divided evenly: its per-token latency is a mean, not a distribution (p90 = median)."""
+    """vLLM's offline engine, in its own environment (``faspx.benchmarks.vllm_client``): float32 on the
+    CPU (as the other CPU runners), bfloat16 on CUDA. Its API returns whole generations, so the time to
+    first token is a ``max_tokens=1`` generation and each decode step is the rest of a full generation
+    divided evenly: its per-token latency is a mean, not a distribution (p90 = median). Timings are
+    taken in the worker, around ``LLM.generate``; memory where vLLM holds it (its processes' RSS, and
+    the KV pool it reserved)."""
 
     def __init__(self, model_dir: Path, device: torch.device, max_len: int):
-        from vllm import LLM
-
-        self.device = str(device)
-        self.dtype = "bfloat16"
-        self.llm = LLM(model=str(model_dir), dtype="bfloat16", gpu_memory_utilization=VLLM_GPU_FRACTION,
-                       max_model_len=max_len, enforce_eager=False)
-        self.kv_bytes_per_value = 2
         from transformers import AutoConfig
 
+        from faspx.benchmarks.memory import kv_cache_bytes
+        from faspx.benchmarks.vllm_client import VllmEngine
         from faspx.models import meta_model
 
-        self.weight_bytes = sum(p.numel() for p in meta_model(AutoConfig.from_pretrained(model_dir)).parameters()) * 2
+        self.dtype = "bfloat16" if device.type == "cuda" else "float32"
+        self.kv_bytes_per_value = 2 if self.dtype == "bfloat16" else 4
+        self.engine = VllmEngine(model_dir, max_len=max_len, dtype=self.dtype, device=str(device))
+        self.device = f"{self.engine.device} (vLLM {self.engine.info.get('vllm', '?')})"
+        config = AutoConfig.from_pretrained(model_dir)
+        self.weight_bytes = sum(p.numel() for p in meta_model(config).parameters()) * self.kv_bytes_per_value
+        self.kv_pool_bytes = kv_cache_bytes(config, 1, self.engine.info["kv_cache_tokens"], self.kv_bytes_per_value)
+
+    def held_memory(self) -> dict:
+        """What vLLM holds, measured in its processes: their RSS now, and its reserved KV pool."""
+        return {"vllm_rss_bytes": self.engine.memory()["rss_bytes"], "vllm_kv_pool_bytes": self.kv_pool_bytes,
+                "vllm_startup_s": self.engine.info["startup_s"]}
 
     def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
                at_end: Callable[[object], None] | None = None) -> Sample:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids]
-
-        def generate(n: int) -> float:
-            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-            start = clock()
-            self.llm.generate(prompts, params, use_tqdm=False)
-            return clock() - start
-
-        first = generate(1)
-        rest = generate(new_tokens) - first
+        first, total = self.engine.time(ids.tolist(), new_tokens)
+        rest = total - first
         if rest <= 0:
             raise RuntimeError(f"vLLM generated {new_tokens} tokens no slower than 1 token: too few --new-tokens "
                                "to time its decode this way")
         if at_end is not None:
             at_end(None)
         return Sample(prefill_s=first, step_s=[rest / (new_tokens - 1)] * (new_tokens - 1))
+
+    def close(self) -> None:
+        """Stop the engine."""
+        self.engine.close()
 
 
 def load_runner(backend: str, source: Path, device: torch.device | str, max_len: int):

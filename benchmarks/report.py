@@ -22,6 +22,8 @@ MEMORY_LABELS = {
     "cuda_peak_allocated_bytes": "CUDA max_memory_allocated",
     "cuda_peak_reserved_bytes": "CUDA max_memory_reserved",
     "cuda_peak_working_bytes": "CUDA peak working memory",
+    "vllm_rss_bytes": "RSS of the vLLM processes",
+    "vllm_kv_pool_bytes": "KV pool vLLM reserved",
 }
 COLORS = {"dense": "#8a8a8a", "pruned": "#2b7bba"}
 
@@ -112,6 +114,8 @@ def markdown(report: dict) -> str:
     if report["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s['backend']}{' batch ' + str(s['batch']) if 'batch' in s else ''}: "
                                             f"{s['reason']}" for s in report["skipped"]]
+    if report.get("noise"):
+        lines += ["", "## Noise: rerun before quoting these", ""] + [f"- {n}" for n in report["noise"]]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     if report.get("perplexity"):

@@ -17,7 +17,7 @@ from faspx.benchmarks import memory
 from faspx.benchmarks.backends import BACKENDS, load_runner, ort_device, unavailable
 from faspx.benchmarks.environment import environment
 from faspx.benchmarks.inputs import check_pair, export_for_bench, onnx_settings, variant_dirs
-from faspx.benchmarks.timing import figures, interleave, ratios
+from faspx.benchmarks.timing import figures, interleave, noise_flags, ratios
 from faspx.errors import UsageError
 
 log = logging.getLogger("faspx")
@@ -44,6 +44,11 @@ MEMORY_DEFINITIONS = {
                                "cache and activations",
     "cuda_load_delta_bytes": "GPU memory in use (whole device) added by loading this variant; for vLLM its "
                              "preallocated KV pool included",
+    "vllm_rss_bytes": "RSS of the vLLM processes of this variant (its engine core and workers hold the weights and "
+                      "the KV pool; the faspx process holds neither), after one generation",
+    "vllm_kv_pool_bytes": "the KV cache vLLM reserved for this variant (its block count x block size x bytes per "
+                          "token, in the dtype it serves)",
+    "vllm_startup_s": "seconds from starting the vLLM engine to its first request",
 }
 
 
@@ -177,12 +182,16 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
                 report["skipped"].append({"backend": backend, "batch": batch,
                                           "reason": f"out of GPU memory at batch {batch} (both variants loaded)"})
                 torch.cuda.empty_cache()
-        runners.clear()  # free both variants before the next backend loads
+        for runner in runners.values():  # free both variants before the next backend loads
+            if hasattr(runner, "close"):
+                runner.close()
+        runners.clear()
         memory.release_free_memory()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
     report["process_peak_rss_bytes"] = peaks.overall()
+    report["noise"] = noise_flags(report["results"], report["roofline"]["ideal_decode_speedup"])
     if eval:
         report["perplexity"] = perplexities(dirs, tuple(eval_datasets), max_windows, dev, progress)
     if out is not None:
@@ -231,6 +240,8 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
         runners[name].sample(ids, new_tokens, clock, lambda _state, at_end=at_end: at_end.append(memory.rss_bytes()))
         peak = peaks.stop()
         load[name]["rss_load_run_peak_bytes"] = (peak if peak is not None else max(at_end + [rss])) - rss
+        if hasattr(runners[name], "held_memory"):  # a runtime in processes of its own (vLLM)
+            load[name].update(runners[name].held_memory())
         bar.update(1)
     kinds = {runners[name].dtype for name in VARIANTS}
     if len(kinds) > 1:

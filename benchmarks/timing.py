@@ -108,3 +108,38 @@ def ratios(dense: dict[str, dict], pruned: dict[str, dict]) -> dict[str, float]:
     out = {key: pruned[key]["median"] / dense[key]["median"] for key in dense}
     out["per_token_latency_p90_s"] = pruned["per_token_latency_s"]["p90"] / dense["per_token_latency_s"]["p90"]
     return out
+
+
+# Speed ratios that pruning can raise at most as much as it cuts the weight bytes (and linear FLOPs).
+BOUNDED_RATIOS = ("decode_tokens_per_s", "prefill_tokens_per_s", "end_to_end_tokens_per_s")
+MAX_SPREAD = 0.30
+
+
+def noise_flags(results: list[dict], ideal: float, max_spread: float = MAX_SPREAD) -> list[str]:
+    """What in ``results`` is noise, not a measurement: a pruned/dense speed ratio above ``ideal`` (the
+    weight-bytes roofline; pruning cannot do better), or a figure whose min-max spread over its repeats
+    exceeds ``max_spread`` of its median.
+
+    Example:
+        >>> cell = {"backend": "torch", "batch": 1, "ratios": {"decode_tokens_per_s": 1.5},
+        ...         "variants": {"dense": {"figures": {"decode_tokens_per_s": spread([9.0, 10.0, 11.0])}}}}
+        >>> [f.split(":")[0] for f in noise_flags([cell], ideal=1.3)]
+        ['torch batch 1']
+    """
+    flags = []
+    for entry in results:
+        where = f"{entry['backend']} batch {entry['batch']}"
+        for key in BOUNDED_RATIOS:
+            ratio = entry["ratios"].get(key)
+            if ratio is not None and ratio > ideal:
+                flags.append(f"{where}: pruned/dense {key} {ratio:.3f}x is above the weight-bytes roofline "
+                             f"{ideal:.3f}x, which pruning cannot beat: noise (a loaded machine?); rerun with more "
+                             "--repeats on an idle one")
+        for name, variant in entry["variants"].items():
+            for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+                s = variant["figures"].get(key)
+                if s and s["median"] > 0 and (s["max"] - s["min"]) / s["median"] > max_spread:
+                    flags.append(f"{where}: the {name} model's {key} spread over its repeats is "
+                                 f"{(s['max'] - s['min']) / s['median']:.0%} of the median (> {max_spread:.0%}): "
+                                 "noise; rerun with more --repeats on an idle machine")
+    return flags

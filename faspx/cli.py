@@ -519,6 +519,8 @@ def echo_bench(report: dict, out: Path) -> None:
     for row in report.get("perplexity") or []:
         click.echo(f"  perplexity ({row['dataset']}, {row['windows']} windows): dense {row['dense']:.3f}, "
                    f"pruned {row['pruned']:.3f}")
+    for flag in report.get("noise") or []:
+        click.echo(f"  noise: {flag}")
     for skipped in report["skipped"]:
         click.echo(f"  skipped {skipped['backend']}: {skipped['reason']}")
     click.echo(f"report: {out / 'report.md'}  plot: {out / 'report.png'}")

@@ -29,6 +29,13 @@ TINY_CONFIGS = {
     "llama-wide": lambda: LlamaConfig(hidden_size=64, intermediate_size=1024, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                       vocab_size=VOCAB, max_position_embeddings=128),
+    # vLLM's CPU attention takes head sizes 32, 64, 80, ...: the tiny models it runs have head_dim 32.
+    "llama32": lambda: LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   vocab_size=VOCAB, max_position_embeddings=256),
+    "llama32-wide": lambda: LlamaConfig(hidden_size=128, intermediate_size=1024, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                        vocab_size=VOCAB, max_position_embeddings=256),
     "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                  max_position_embeddings=128),
