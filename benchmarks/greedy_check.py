@@ -3,7 +3,7 @@
     python -m faspx.benchmarks.greedy_check --build OUT [--new-tokens 32] [--json FILE]
 
 ``OUT`` is a faspx build output (``hf/``, optionally ``onnx/``). transformers runs ``hf/``; vLLM (its
-own environment, ``make vllm``) runs ``hf/`` too, and onnxruntime runs ``onnx/``. Each runtime's
+own environment, ``make vllm``) runs ``hf/`` too; onnxruntime and onnxruntime-genai run ``onnx/``. Each runtime's
 tokens for the same prompts are compared with transformers' token for token; a runtime that is not
 available here is listed with the reason. The prompts are fixed so that runs compare.
 """
@@ -64,12 +64,36 @@ def check(build: Path, new_tokens: int = 32) -> dict:
         result["runtimes"]["onnxruntime"] = {"tokens": tokens}
     else:
         result["runtimes"]["onnxruntime"] = {"unavailable": f"{build} has no onnx/model.onnx"}
+    result["runtimes"]["onnxruntime-genai"] = genai_tokens(build / "onnx", prompt_ids, new_tokens)
     for entry in result["runtimes"].values():
         if "tokens" in entry:
             entry["equal_to_transformers"] = entry["tokens"] == reference
             entry["first_difference"] = [next((i for i, (a, b) in enumerate(zip(t, r, strict=True)) if a != b), None)
                                          for t, r in zip(entry["tokens"], reference, strict=True)]
     return result
+
+
+def genai_tokens(onnx_dir: Path, prompt_ids: list[list[int]], new_tokens: int) -> dict:
+    """Greedy continuations in onnxruntime-genai (the export's genai_config.json), or why it cannot run."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return {"unavailable": "onnxruntime-genai is not installed (pip install faspx[genai])"}
+    if not (onnx_dir / "genai_config.json").exists():
+        return {"unavailable": f"{onnx_dir} has no genai_config.json (an OPT export, or an older one)"}
+    model = og.Model(str(onnx_dir))
+    tokens = []
+    for ids in prompt_ids:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens)
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+        new = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        tokens.append(new)
+    return {"version": og.__version__, "tokens": tokens}
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ from torch import nn
 
 from faspx.errors import FaspxError, UsageError
 from faspx.exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, write_config, write_side_files
+from faspx.exporters.genai import write_genai_config
 from faspx.models import cache_keyword, returned_cache
 from faspx.outputs import FaspInfo
 from faspx.progress import steps
@@ -266,8 +267,10 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo 
         written = graph_opset(path)  # what the file says, whatever was asked
         write_config(net, out_dir, "float16" if fp16 else "float32")
         write_side_files(net, tokenizer, out_dir, fasp_info)
+        genai_reason = write_genai_config(net, out_dir)
     log.info("ONNX export (%s, opset %d) took %.1fs", used, written, seconds)
     return {**dir_summary(out_dir), "exporter": used, "opset": written, "dtype": "float16" if fp16 else "float32",
+            "onnxruntime_genai": genai_reason or "genai_config.json written",
             "external_data": bool(external), "seconds": seconds}
 
 

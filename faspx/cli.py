@@ -360,6 +360,8 @@ def echo_exports(results: dict) -> None:
     if "onnx" in results:
         o, v = results["onnx"], results["validation"]
         click.echo(f"  onnx/ ({o['dtype']}, {o['exporter']} exporter, opset {o['opset']}): {_files_line(o)}")
+        if o.get("onnxruntime_genai"):
+            click.echo(f"  onnxruntime-genai: {o['onnxruntime_genai']}")
         click.echo(f"  ONNX vs PyTorch max |logits diff|: prefill {v['prefill_max_abs_diff']:.2e}, decode "
                    f"{v['decode_max_abs_diff']:.2e} (bound {v['bound']:.2g} = {v['atol']:g} x max |logit|; "
                    f"batch {v['batch']}, left padding, "

@@ -1,0 +1,83 @@
+"""genai_config.json: what onnxruntime-genai needs to run a faspx ONNX export as it is.
+
+The export's graph already has the decoder-with-past layout onnxruntime-genai reads (``input_ids``,
+``attention_mask``, ``position_ids``, ``past_key_values.%d.key/value`` in, ``logits`` and
+``present.%d.key/value`` out, KV as batch x kv_heads x length x head_dim); the config names them, the
+model family and the generation defaults. The KV cache of the graph grows by concatenation, so
+``past_present_share_buffer`` is off. onnxruntime-genai has no OPT model type: an OPT export gets no
+config, and the summary says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# transformers model_type -> onnxruntime-genai model type (its decoder-only types that share this layout)
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+GENAI_CONFIG = "genai_config.json"
+
+
+def genai_unsupported(config) -> str | None:
+    """Why onnxruntime-genai cannot run an export of ``config``'s model, None where it can."""
+    if config.model_type not in GENAI_TYPES:
+        return (f"onnxruntime-genai has no {config.model_type!r} model type (it runs {', '.join(GENAI_TYPES)} "
+                "exports here): this export runs in onnxruntime (faspx generate, eval, bench)")
+    return None
+
+
+def genai_config(config, generation_config=None, context_length: int | None = None) -> dict:
+    """The genai_config.json of an export of ``config`` (a transformers config, its FFN width as pruned).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+        >>> genai_config(cfg)["model"]["decoder"]["head_size"]
+        16
+    """
+    heads = config.num_attention_heads
+    gen = generation_config
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos = config.eos_token_id if eos is None else eos
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    pad = pad if pad is not None else config.pad_token_id if config.pad_token_id is not None else \
+        (eos[0] if isinstance(eos, list) else eos)
+    length = context_length or config.max_position_embeddings
+    # onnxruntime-genai rejects a null id (a config without bos_token_id, say): such a key is left out
+    ids = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", eos), ("pad_token_id", pad))
+           if v is not None}
+    return {
+        "model": {
+            "type": GENAI_TYPES[config.model_type],
+            **ids,
+            "vocab_size": config.vocab_size,
+            "context_length": length,
+            "decoder": {
+                "filename": "model.onnx",
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": getattr(config, "head_dim", None) or config.hidden_size // heads,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": heads,
+                "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": length, "min_length": 0,
+                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "top_k": 1, "top_p": 1.0, "num_return_sequences": 1, "early_stopping": True,
+                   "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+def write_genai_config(model, out_dir: Path) -> str | None:
+    """Write OUT/onnx/genai_config.json where onnxruntime-genai runs the model; else return why not."""
+    reason = genai_unsupported(model.config)
+    if reason is None:
+        data = genai_config(model.config, getattr(model, "generation_config", None))
+        (Path(out_dir) / GENAI_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
+    return reason
