@@ -9,6 +9,7 @@ weights it holds).
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from faspx.benchmarks.timing import Sample, time_generation
 from faspx.models import cache_keyword, returned_cache
 
-BACKENDS = ("torch", "onnxruntime", "vllm")
+BACKENDS = ("torch", "onnxruntime", "genai", "vllm")
 
 
 def unavailable(backend: str, device: torch.device) -> str | None:
@@ -31,6 +32,12 @@ def unavailable(backend: str, device: torch.device) -> str | None:
             import onnxruntime  # noqa: F401
         except ImportError:
             return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
+        return None
+    if backend == "genai":
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            return "onnxruntime-genai is not installed (pip install faspx[genai])"
         return None
     if backend == "vllm":
         from faspx.benchmarks.vllm_client import unavailable_reason
@@ -123,6 +130,46 @@ class OrtRunner:
         return time_generation(prefill, step, new_tokens, clock, at_end)
 
 
+class GenaiRunner:
+    """onnxruntime-genai on the exported graph and its genai_config.json (CPU): its own generation loop
+    and KV handling, as an edge deployment runs the model. The time to first token is
+    ``append_tokens`` of the prompt plus the first ``generate_next_token``; each decode step is one
+    ``generate_next_token``."""
+
+    def __init__(self, onnx_dir: Path, device: str):
+        import onnxruntime_genai as og
+
+        from faspx.errors import UsageError
+
+        if not (Path(onnx_dir) / "genai_config.json").exists():
+            raise UsageError(f"{onnx_dir} has no genai_config.json: export it again with this faspx (an OPT export "
+                             "has none: onnxruntime-genai has no OPT model type)")
+        self.og, self.model = og, og.Model(str(onnx_dir))
+        self.device = f"cpu (onnxruntime-genai {og.__version__})"
+        config = json.loads((Path(onnx_dir) / "config.json").read_text())
+        self.dtype = config.get("dtype", "float32")
+        self.kv_bytes_per_value = 2 if self.dtype == "float16" else 4
+        self.weight_bytes = sum(p.stat().st_size for p in Path(onnx_dir).iterdir() if p.name.startswith("model.onnx"))
+
+    def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
+               at_end: Callable[[object], None] | None = None) -> Sample:
+        params = self.og.GeneratorParams(self.model)
+        length = ids.shape[1] + new_tokens
+        params.set_search_options(do_sample=False, batch_size=ids.shape[0], max_length=length, min_length=length)
+        generator = self.og.Generator(self.model, params)
+
+        def prefill():
+            generator.append_tokens(ids)
+            generator.generate_next_token()
+            return generator
+
+        def step(state):
+            state.generate_next_token()
+            return state
+
+        return time_generation(prefill, step, new_tokens, clock, at_end)
+
+
 class VllmRunner:
     """vLLM's offline engine, in its own environment (``faspx.benchmarks.vllm_client``): float32 on the
     CPU (as the other CPU runners), bfloat16 on CUDA. Its API returns whole generations, so the time to
@@ -173,6 +220,8 @@ def load_runner(backend: str, source: Path, device: torch.device | str, max_len:
         return TorchRunner(source, device)
     if backend == "onnxruntime":
         return OrtRunner(source, device)
+    if backend == "genai":
+        return GenaiRunner(source, device)
     if backend == "vllm":
         return VllmRunner(source, device, max_len)
     raise ValueError(f"unknown backend {backend!r}")

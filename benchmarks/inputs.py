@@ -121,7 +121,8 @@ def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, d
 
     stamp = [str(hf_dir.resolve())] + [f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
                                        for p in sorted(hf_dir.iterdir()) if p.is_file()]
-    key = hashlib.sha1(json.dumps([stamp, settings], sort_keys=True).encode()).hexdigest()[:16]
+    # the layout version: 2 since exports carry genai_config.json (an older cached export lacks it)
+    key = hashlib.sha1(json.dumps([stamp, settings, 2], sort_keys=True).encode()).hexdigest()[:16]
     target = Path(cache).expanduser() / key
     if (target / "model.onnx").exists() and (target / "bench-export.json").exists():
         return target, {**json.loads((target / "bench-export.json").read_text()), "cached": True}

@@ -22,6 +22,8 @@ from faspx.errors import UsageError
 
 log = logging.getLogger("faspx")
 VARIANTS = ("dense", "pruned")
+# Backends that run the ONNX export (a variant without one is exported into ONNX_CACHE first).
+ONNX_BACKENDS = ("onnxruntime", "genai")
 ONNX_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faspx" / "bench-onnx"
 
 MEMORY_DEFINITIONS = {
@@ -155,7 +157,7 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     bar = tqdm(total=len(backends) * per_backend, desc="benchmark", unit="run", disable=not progress)
     for backend in backends:
         reason = unavailable(backend, dev)
-        if reason is None and backend == "onnxruntime" and dirs["pruned"]["onnx"] is None:
+        if reason is None and backend in ONNX_BACKENDS and dirs["pruned"]["onnx"] is None:
             reason = (f"{pruned} has no ONNX export (no onnx/model.onnx): run faspx build --target all, or faspx "
                       "export --target onnx")
         runners = None
@@ -208,8 +210,8 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
     """Both variants' runners for ``backend`` and the memory each added: loaded one after the other,
     each followed by one untimed generation of ``ids`` (weights paged in, buffers allocated)."""
     where: torch.device | str = dev
-    if backend == "onnxruntime":
-        where, note = ort_device(dev)
+    if backend in ONNX_BACKENDS:
+        where, note = ort_device(dev) if backend == "onnxruntime" else ("cpu", None)
         if note:
             report["notes"].append(note)
         settings = onnx_settings(dirs["pruned"]["root"], dirs["pruned"]["onnx"])
@@ -227,7 +229,7 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
             report[name]["dir_bytes"]["onnx"] = memory.disk_bytes(dirs[name]["onnx"])
     runners, load = {}, {}
     for name in VARIANTS:
-        source = dirs[name]["onnx"] if backend == "onnxruntime" else dirs[name]["hf"]
+        source = dirs[name]["onnx"] if backend in ONNX_BACKENDS else dirs[name]["hf"]
         memory.release_free_memory()
         rss = memory.rss_bytes()
         used = memory.cuda_used_bytes(dev) if dev.type == "cuda" else 0

@@ -477,7 +477,8 @@ def _csv(kind):
 @click.option("--dense", required=True, help="The dense model directory (HF).")
 @click.option("--pruned", required=True, help="A faspx build output (hf/, onnx/) or a pruned model directory.")
 @click.option("--backend", "backends", default="torch,onnxruntime", show_default=True, callback=_csv(str),
-              help="Comma-separated: torch, onnxruntime, vllm (an unavailable one is reported as skipped).")
+              help="Comma-separated: torch, onnxruntime, genai (onnxruntime-genai), vllm (its own environment: "
+                   "make vllm); an unavailable one is reported as skipped.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=_csv(int), help="Batch sizes.")
 @click.option("--prompt-len", type=int, default=128, show_default=True, help="Prompt tokens.")
