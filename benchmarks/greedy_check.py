@@ -3,7 +3,8 @@
     python -m faspx.benchmarks.greedy_check --build OUT [--new-tokens 32] [--json FILE]
 
 ``OUT`` is a faspx build output (``hf/``, optionally ``onnx/``). transformers runs ``hf/``; vLLM (its
-own environment, ``make vllm``) runs ``hf/`` too; onnxruntime and onnxruntime-genai run ``onnx/``. Each runtime's
+own environment, ``make vllm``) runs ``hf/`` too; onnxruntime, onnxruntime-genai and Optimum's
+ORTModelForCausalLM (its own environment, ``make optimum``) run ``onnx/``. Each runtime's
 tokens for the same prompts are compared with transformers' token for token; a runtime that is not
 available here is listed with the reason. The prompts are fixed so that runs compare.
 """
@@ -65,6 +66,12 @@ def check(build: Path, new_tokens: int = 32) -> dict:
     else:
         result["runtimes"]["onnxruntime"] = {"unavailable": f"{build} has no onnx/model.onnx"}
     result["runtimes"]["onnxruntime-genai"] = genai_tokens(build / "onnx", prompt_ids, new_tokens)
+    from faspx.benchmarks.optimum_client import optimum_greedy, optimum_python
+
+    if optimum_python() is not None and (build / "onnx" / "model.onnx").exists():
+        result["runtimes"]["optimum"] = {"tokens": optimum_greedy(build / "onnx", prompt_ids, new_tokens)}
+    else:
+        result["runtimes"]["optimum"] = {"unavailable": "no Optimum environment (make optimum) or no onnx/"}
     for entry in result["runtimes"].values():
         if "tokens" in entry:
             entry["equal_to_transformers"] = entry["tokens"] == reference
