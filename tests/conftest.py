@@ -110,3 +110,25 @@ def recipe(name: str = "paper", **overrides):
     from faspx.recipes import get_recipe
 
     return get_recipe(name, **overrides)
+
+
+@torch.no_grad()
+def sharpened(model: torch.nn.Module, factor: float = 4.0) -> torch.nn.Module:
+    """``model`` with its matrices scaled up in place: sharper than HF's init, so greedy choices have real
+    margins (runtimes compared token for token then agree unless the model itself is near a tie)."""
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.mul_(factor)
+    return model
+
+
+@torch.no_grad()
+def assert_on_greedy_path(model: torch.nn.Module, prompt: list[int], new: list[int], tie: float = 1e-3) -> torch.Tensor:
+    """Every token of ``new`` is ``model``'s argmax after ``prompt`` + the tokens before it, or a near-tie
+    (top two logits within ``tie``). Returns the log-probabilities along the path."""
+    logp = model(torch.tensor([prompt + new])).logits[0].float().log_softmax(-1)
+    for step, token in enumerate(new):
+        row = logp[len(prompt) - 1 + step]
+        top2 = row.topk(2).values
+        assert token == int(row.argmax()) or float(top2[0] - top2[1]) < tie, (step, token, int(row.argmax()))
+    return logp[len(prompt) - 1:len(prompt) - 1 + len(new)]

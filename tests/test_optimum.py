@@ -4,11 +4,10 @@ transformers' greedy path."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from faspx.benchmarks.optimum_client import optimum_greedy, optimum_python
 from faspx.exporters.onnx import export_onnx
-from tests.conftest import tiny_model
+from tests.conftest import assert_on_greedy_path, sharpened, tiny_model
 
 pytestmark = pytest.mark.skipif(optimum_python() is None,
                                 reason="no Optimum environment (make optimum, or FASPX_OPTIMUM_PYTHON)")
@@ -20,18 +19,9 @@ NEW_TOKENS = 12
 # 24 (not 64 / 4), is refused by onnxruntime in Optimum; real checkpoints keep the two equal.
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "opt"])
 def test_optimum_runs_the_export_on_transformers_greedy_path(kind, tmp_path):
-    model = tiny_model(kind)
-    with torch.no_grad():  # sharper than HF's init: greedy choices with real margins
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4)
+    model = sharpened(tiny_model(kind))
     export_onnx(model, None, tmp_path / "onnx", exporter="torchscript")
     tokens = optimum_greedy(tmp_path / "onnx", PROMPTS, NEW_TOKENS)
     for prompt, new in zip(PROMPTS, tokens, strict=True):
         assert len(new) == NEW_TOKENS
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + new])).logits[0]
-        for step, token in enumerate(new):
-            row = logits[len(prompt) - 1 + step]
-            top2 = row.topk(2).values
-            assert token == int(row.argmax()) or float(top2[0] - top2[1]) < 1e-3, (step, token, int(row.argmax()))
+        assert_on_greedy_path(model, prompt, new)

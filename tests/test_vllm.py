@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from faspx.benchmarks.vllm_client import VllmEngine, unavailable_reason
-from tests.conftest import SHARED, save_tiny
+from tests.conftest import SHARED, assert_on_greedy_path, save_tiny, sharpened
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 PROMPTS = [[2, 100, 2000, 31, 7], [2, 9, 4000, 12000, 5, 77, 300]]
@@ -35,12 +35,7 @@ def pruned(kind: str, tmp_path, text_path, *extra) -> tuple:
 
     tokenizer = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "opt")
     dense = save_tiny(kind, tmp_path / "dense", tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(dense)
-    with torch.no_grad():  # sharper than HF's init: greedy choices with real margins
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4)
-    model.save_pretrained(dense)
+    sharpened(AutoModelForCausalLM.from_pretrained(dense)).save_pretrained(dense)
     out = tmp_path / "pruned"
     result = CliRunner().invoke(main, ["prune", "--model", str(dense), "--sparsity", "0.3", "--calib",
                                        str(text_path), "--nsamples", "4", "--seqlen", "64", "--out", str(out), "-q",
@@ -56,13 +51,9 @@ def assert_same_greedy_path(model_dir, tokens, logprobs, trust_remote_code=False
                                                  trust_remote_code=trust_remote_code).eval()
     for prompt, new, lps in zip(PROMPTS, tokens, logprobs, strict=True):
         assert len(new) == NEW_TOKENS
-        with torch.no_grad():
-            logp = model(torch.tensor([prompt + new])).logits[0].log_softmax(-1)
+        path = assert_on_greedy_path(model, prompt, new)
         for step, (token, lp) in enumerate(zip(new, lps, strict=True)):
-            row = logp[len(prompt) - 1 + step]
-            top2 = row.topk(2).values
-            assert token == int(row.argmax()) or float(top2[0] - top2[1]) < 1e-3, (step, token, int(row.argmax()))
-            assert abs(float(row[token]) - lp) < 1e-3, (step, float(row[token]), lp)
+            assert abs(float(path[step, token]) - lp) < 1e-3, (step, float(path[step, token]), lp)
 
 
 def test_vllm_serves_a_stock_pruned_llama_gqa_as_transformers_runs_it(tmp_path, text_path):
