@@ -266,7 +266,7 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
     from faspx.eval import perplexity
     from faspx.models import check_config_file, check_weight_files, load_tokenizer, resolve
     from faspx.outputs import check_file_out, write_json
-    from faspx.pipeline import check_eval, load_any
+    from faspx.pipeline import check_eval, eval_seqlen, load_any
     from faspx.prune import resolve_device, resolve_dtype
 
     # Everything that needs no weights first: the text, the windows, the output file, the device.
@@ -280,10 +280,9 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
     if Path(source).is_dir():
         check_config_file(Path(source) / "config.json")
         check_weight_files(source)
-        positions = json.loads((Path(source) / "config.json").read_text()).get("max_position_embeddings")
-        if positions and seqlen > positions:
-            log.info("--seqlen %d is above the model's %d positions: windows of %d", seqlen, positions, positions)
-            seqlen = positions
+        # read as JSON: a nemotron-nas config loads only with its code files
+        seqlen = eval_seqlen(json.loads((Path(source) / "config.json").read_text()).get("max_position_embeddings"),
+                             seqlen)
     ids = eval_ids(load_tokenizer(model_name), dataset)
     if ids.numel() < seqlen:
         raise UsageError(f"{dataset} has {ids.numel()} tokens, fewer than one window of {seqlen}: give more "

@@ -28,16 +28,9 @@ def load_texts(source: str, split: str = "train") -> list[str]:
         >>> load_texts(str(p))
         ['hello']
     """
-    path = Path(source).expanduser()
-    if source not in NAMED:
-        if not path.is_file():
-            raise UsageError(f"text source {source!r} is neither {' / '.join(NAMED)} nor an existing file")
+    path = _local_or_named(source, "text source")
+    if path is not None:
         return _read_local(path)
-    if hub_offline():
-        raise UsageError(
-            f"dataset {source!r} comes from the Hugging Face hub, which is offline (HF_HUB_OFFLINE is set); "
-            "pass a local .txt/.jsonl/.parquet file instead"
-        )
     from datasets import load_dataset
 
     try:
@@ -60,17 +53,23 @@ def check_text_source(source: str, what: str = "text") -> None:
         ...
         faspx.errors.UsageError: --calib '/no/such.txt' is neither wikitext2 / c4 nor an existing file
     """
+    path = _local_or_named(source, what)
+    if path is not None and not any(doc.strip() for doc in _read_local(path)):
+        raise UsageError(f"{what} {path} holds no text")
+
+
+def _local_or_named(source: str, what: str) -> Path | None:
+    """The local file ``source`` names (None for a hub set); UsageError when it is neither an existing
+    file nor a hub set that can be reached (the hub offline)."""
     if source in NAMED:
         if hub_offline():
             raise UsageError(f"{what} {source!r} comes from the Hugging Face hub, which is offline (HF_HUB_OFFLINE "
                              "is set); pass a local .txt/.jsonl/.parquet file instead")
-        return
+        return None
     path = Path(source).expanduser()
     if not path.is_file():
         raise UsageError(f"{what} {source!r} is neither {' / '.join(NAMED)} nor an existing file")
-    docs = _read_local(path)
-    if not any(doc.strip() for doc in docs):
-        raise UsageError(f"{what} {path} holds no text")
+    return path
 
 
 def _read_local(path: Path) -> list[str]:

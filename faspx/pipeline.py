@@ -233,9 +233,8 @@ def check_eval(dataset: str, windows: int | None, seqlen: int = 2048) -> None:
     check_text_source(dataset, "the evaluation dataset")
 
 
-def eval_seqlen(config, seqlen: int) -> int:
+def eval_seqlen(positions: int | None, seqlen: int) -> int:
     """``seqlen`` capped at the model's max positions (logged when it is)."""
-    positions = getattr(config, "max_position_embeddings", None)
     if positions and seqlen > positions:
         log.info("--seqlen %d is above the model's %d positions: windows of %d", seqlen, positions, positions)
         return positions

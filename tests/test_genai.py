@@ -6,26 +6,13 @@ import json
 
 import pytest
 
+from faspx.benchmarks.greedy_check import genai_tokens
 from faspx.exporters.onnx import export_onnx
 from tests.conftest import assert_on_greedy_path, sharpened, tiny_model
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install faspx[genai])")
 PROMPTS = [[1, 17, 200, 31], [1, 9, 40, 120, 5, 77]]
 NEW_TOKENS = 12
-
-
-def genai_greedy(onnx_dir, prompt: list[int]) -> list[int]:
-    model = og.Model(str(onnx_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS,
-                              min_length=len(prompt) + NEW_TOKENS)
-    generator = og.Generator(model, params)
-    generator.append_tokens([prompt])
-    out = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
@@ -36,8 +23,8 @@ def test_genai_runs_the_export_on_transformers_greedy_path(kind, tmp_path):
     config = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
     assert config["model"]["type"] == kind and config["model"]["decoder"]["num_key_value_heads"] == \
         model.config.num_key_value_heads
-    for prompt in PROMPTS:
-        new = genai_greedy(tmp_path / "onnx", prompt)
+    tokens = genai_tokens(tmp_path / "onnx", PROMPTS, NEW_TOKENS)["tokens"]
+    for prompt, new in zip(PROMPTS, tokens, strict=True):
         assert len(new) == NEW_TOKENS
         assert_on_greedy_path(model, prompt, new)
 
