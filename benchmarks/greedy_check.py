@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from faspx.exporters.genai import genai_generate
+
 PROMPTS = ("The capital of France is", "In a hole in the ground there lived",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
 
@@ -88,19 +90,7 @@ def genai_tokens(onnx_dir: Path, prompt_ids: list[list[int]], new_tokens: int) -
         return {"unavailable": "onnxruntime-genai is not installed (pip install faspx[genai])"}
     if not (onnx_dir / "genai_config.json").exists():
         return {"unavailable": f"{onnx_dir} has no genai_config.json (an OPT export, or an older one)"}
-    model = og.Model(str(onnx_dir))
-    tokens = []
-    for ids in prompt_ids:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens)
-        generator = og.Generator(model, params)
-        generator.append_tokens([ids])
-        new = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
-        tokens.append(new)
-    return {"version": og.__version__, "tokens": tokens}
+    return {"version": og.__version__, "tokens": genai_generate(onnx_dir, prompt_ids, new_tokens)}
 
 
 def main() -> None:

@@ -81,3 +81,53 @@ def write_genai_config(model, out_dir: Path) -> str | None:
         data = genai_config(model.config, getattr(model, "generation_config", None))
         (Path(out_dir) / GENAI_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
     return reason
+
+
+def genai_generate(onnx_dir: Path, prompt_ids: list[list[int]], new_tokens: int, stop_at_eos: bool = False
+                   ) -> list[list[int]]:
+    """Greedy continuations of each prompt (token ids) by onnxruntime-genai's own loop on the export.
+
+    One generator per prompt (batch 1: no padding for the runtime to place). ``stop_at_eos=False``
+    generates exactly ``new_tokens`` tokens (for comparisons); ``True`` stops at the end-of-text token as
+    a deployment does.
+
+    Example:
+        >>> genai_generate(Path("out/onnx"), [[1, 17, 200]], 4)  # doctest: +SKIP
+        [[417, 22, 9, 301]]
+    """
+    import onnxruntime_genai as og
+
+    from faspx.errors import UsageError
+
+    if not (Path(onnx_dir) / GENAI_CONFIG).exists():
+        raise UsageError(f"{onnx_dir} has no {GENAI_CONFIG}: onnxruntime-genai cannot run it (an OPT export has "
+                         "none; an export older than faspx's genai support: export it again)")
+    model = og.Model(str(onnx_dir))
+    continuations = []
+    for ids in prompt_ids:
+        params = og.GeneratorParams(model)
+        length = len(ids) + new_tokens
+        params.set_search_options(do_sample=False, max_length=length, min_length=0 if stop_at_eos else length)
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+        new: list[int] = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        continuations.append(new)
+    return continuations
+
+
+def genai_generate_text(onnx_dir: Path, prompts: list[str], new_tokens: int) -> list[str]:
+    """``faspx generate --runtime genai``: the export's tokenizer (as the other runtimes use it, so only
+    the generation loop differs), onnxruntime-genai's loop, stopping at end of text; the new text only."""
+    from transformers import AutoTokenizer
+
+    from faspx.exporters.ort_runtime import check_prompt_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    for prompt, ids in zip(prompts, prompt_ids, strict=True):
+        check_prompt_tokens([prompt], len(ids))
+    return [tokenizer.decode(new, skip_special_tokens=True)
+            for new in genai_generate(onnx_dir, prompt_ids, new_tokens, stop_at_eos=True)]

@@ -367,6 +367,39 @@ def echo_exports(results: dict) -> None:
                    f"past up to {v['max_past_length']})")
 
 
+GENERATE_RUNTIMES = ("auto", "torch", "onnxruntime", "genai")
+
+
+def check_runtime(runtime: str, model_dir: Path, device: str) -> str:
+    """The runtime ``faspx generate`` uses for ``model_dir``, or a UsageError naming what does not fit."""
+    is_onnx = (model_dir / "model.onnx").exists()
+    if runtime == "auto":
+        runtime = "onnxruntime" if is_onnx else "torch"
+    if runtime != "torch" and not is_onnx:
+        raise UsageError(f"--runtime {runtime} runs an ONNX export (OUT/onnx); {model_dir} has no model.onnx: "
+                         "give the export's onnx/ directory, or --runtime torch")
+    if runtime == "torch" and is_onnx:
+        raise UsageError(f"{model_dir} is an ONNX export: --runtime torch runs an HF directory (OUT/hf)")
+    if runtime == "genai":
+        from faspx.exporters.genai import GENAI_CONFIG
+
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            raise UsageError("--runtime genai needs onnxruntime-genai: pip install 'faspx[genai]'") from None
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"--runtime genai runs on the CPU here (the export's genai_config.json names no "
+                             f"execution provider): use --device cpu or auto, not {device}")
+        if not (model_dir / GENAI_CONFIG).exists():
+            raise UsageError(f"{model_dir} has no {GENAI_CONFIG}: onnxruntime-genai cannot run it (an OPT export "
+                             "has none: onnxruntime-genai has no OPT model type); use --runtime onnxruntime")
+    if runtime == "torch" and device != "auto":
+        from faspx.prune import resolve_device
+
+        resolve_device(device)  # checked before the model is loaded
+    return runtime
+
+
 def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
     """Greedy generation in PyTorch for an HF directory (the ONNX path is exporters.OnnxDecoder)."""
     from faspx.exporters.ort_runtime import check_prompt_tokens
@@ -396,8 +429,12 @@ def _torch_generate(model_dir: Path, prompts: list[str], max_new_tokens: int, de
               help="Tokens to generate (greedy).")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N (auto: CUDA when onnxruntime, or torch, has it, else the CPU).")
+@click.option("--runtime", type=click.Choice(GENERATE_RUNTIMES), default="auto", show_default=True,
+              help="auto: onnxruntime for an ONNX export, PyTorch for an HF directory; genai: onnxruntime-genai's "
+                   "own loop on an ONNX export (CPU; pip install faspx[genai]).")
 @verbosity
-def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str, progress: bool) -> None:
+def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, device: str, runtime: str,
+             progress: bool) -> None:
     """Greedy generation with an exported model; prints each prompt followed by its continuation."""
     from faspx.exporters.files import require_model_dir
 
@@ -405,16 +442,17 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, dev
     if empty:
         raise UsageError(f"--prompt number {', '.join(map(str, empty))} is empty: give some prompt text")
     model_dir = require_model_dir(model_dir)
-    if device != "auto" and not (model_dir / "model.onnx").exists():
-        from faspx.prune import resolve_device
+    runtime = check_runtime(runtime, model_dir, device)
+    if runtime == "torch":
+        texts = _torch_generate(model_dir, list(prompts), max_new_tokens, device)
+    elif runtime == "genai":
+        from faspx.exporters.genai import genai_generate_text
 
-        resolve_device(device)  # checked before the model is loaded
-    if (model_dir / "model.onnx").exists():
+        texts = genai_generate_text(model_dir, list(prompts), max_new_tokens)
+    else:
         from faspx.exporters.ort_runtime import OnnxDecoder
 
         texts = OnnxDecoder(model_dir, device=device).generate_text(list(prompts), max_new_tokens)
-    else:
-        texts = _torch_generate(model_dir, list(prompts), max_new_tokens, device)
     for prompt, text in zip(prompts, texts, strict=True):
         click.echo(prompt + text)
 

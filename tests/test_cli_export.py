@@ -83,6 +83,30 @@ def test_generate_with_onnx_matches_pytorch(exported, pruned_dir):
     assert lines == [p + t for p, t in zip(PROMPTS, texts, strict=True)]
 
 
+def test_generate_with_onnxruntime_genai_matches_onnxruntime(exported):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install faspx[genai])")
+    out, code, output = exported
+    assert code == 0, output
+    for prompt in PROMPTS:  # one at a time: genai runs batch 1, onnxruntime then needs no padding either
+        common = ["generate", "--model", out / "onnx", "--prompt", prompt, "--max-new-tokens", "8", "-q"]
+        code, genai_text = run(*common, "--runtime", "genai")
+        assert code == 0, genai_text
+        code, ort_text = run(*common, "--runtime", "onnxruntime")
+        assert code == 0, ort_text
+        assert genai_text == ort_text and len(genai_text.strip()) > len(prompt)
+
+
+def test_generate_refuses_a_runtime_that_does_not_fit_the_directory(exported):
+    out, _, _ = exported
+    code, output = run("generate", "--model", out / "hf", "--prompt", "hi", "--runtime", "genai")
+    assert code == 2 and "no model.onnx" in output
+    code, output = run("generate", "--model", out / "onnx", "--prompt", "hi", "--runtime", "torch")
+    assert code == 2 and "is an ONNX export" in output
+    code, output = run("generate", "--model", out / "onnx", "--prompt", "hi", "--runtime", "genai",
+                       "--device", "cuda")
+    assert code == 2 and "--device cpu" in output
+
+
 def test_generate_with_an_hf_directory(exported):
     out, code, output = exported
     assert code == 0, output

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
 
 from faspx.benchmarks.greedy_check import genai_tokens
+from faspx.cli import main
 from faspx.exporters.onnx import export_onnx
 from tests.conftest import assert_on_greedy_path, sharpened, tiny_model
 
@@ -33,3 +35,6 @@ def test_an_opt_export_says_why_genai_cannot_run_it(tmp_path):
     summary = export_onnx(tiny_model("opt"), None, tmp_path / "onnx")
     assert not (tmp_path / "onnx" / "genai_config.json").exists()
     assert "no 'opt' model type" in summary["onnxruntime_genai"]
+    result = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "onnx"), "--prompt", "hi",
+                                       "--runtime", "genai"])
+    assert result.exit_code == 2 and "no genai_config.json" in result.output and "OPT" in result.output
