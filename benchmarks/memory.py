@@ -63,6 +63,14 @@ def decode_read_bytes(model: torch.nn.Module) -> int:
     return weight_bytes(model) - sum(w.numel() * w.element_size() for w in tables.values())
 
 
+def layer_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes of the decoder layers alone (no embedding tables, no lm_head): their ratio bounds a
+    prefill's speedup, whose FLOPs are in these layers (the unpruned lm_head and attention scores only
+    lower it)."""
+    head = model.get_output_embeddings()
+    return decode_read_bytes(model) - (head.weight.numel() * head.weight.element_size() if head is not None else 0)
+
+
 def kv_cache_bytes(config, batch: int, length: int, bytes_per_value: int) -> int:
     """Keys and values of every layer for ``batch`` sequences of ``length`` tokens:
     layers * 2 * batch * kv_heads * length * head_dim * bytes."""

@@ -99,7 +99,10 @@ def markdown(report: dict) -> str:
                  f"{_mb(roof['pruned_read_bytes'])} | {_ratio(roof['pruned_read_bytes'], roof['dense_read_bytes'])} |")
     lines += ["", "Roofline: decode at batch 1 is bound by reading the weights (decoder layers + lm_head; the "
               "embedding tables give one row per token; zeroed-but-stored weights are read like the others), so the "
-              f"ideal pruned/dense decode speedup is **{roof['ideal_decode_speedup']:.3f}x**.", "",
+              f"ideal pruned/dense decode speedup is **{roof['ideal_decode_speedup']:.3f}x**. A prefill is bound by "
+              "its FLOPs, nearly all in the decoder layers (the lm_head and attention scores are not pruned), so its "
+              "speedup, and the end-to-end one, is at most the decoder layers' weight ratio, "
+              f"**{roof.get('ideal_prefill_speedup', roof['ideal_decode_speedup']):.3f}x**.", "",
               "| backend, batch 1 | measured decode speedup | ideal (roofline) |", "|---|---|---|"]
     batch1 = [e for e in report["results"] if e["batch"] == 1]
     for entry in batch1:

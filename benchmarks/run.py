@@ -62,14 +62,18 @@ def _dtype(config) -> torch.dtype:
 def roofline(configs: dict) -> dict:
     """Ideal batch-1 decode speedup: decode is bound by reading the weights, so it is the ratio of the
     weight bytes each decode step reads (decoder weights + lm_head; embedding tables excepted, of which
-    a step reads one row). Zeroed-but-stored weights count: they are read."""
+    a step reads one row). Zeroed-but-stored weights count: they are read. A prefill is bound by its
+    FLOPs instead, nearly all in the decoder layers: their weight ratio bounds its speedup (and the
+    end-to-end one, a mix of both phases)."""
     from faspx.models import meta_model
 
-    read = {}
+    read, layers = {}, {}
     for name, config in configs.items():
-        read[name] = memory.decode_read_bytes(meta_model(config).to(_dtype(config)))
+        model = meta_model(config).to(_dtype(config))
+        read[name], layers[name] = memory.decode_read_bytes(model), memory.layer_weight_bytes(model)
     return {"dense_read_bytes": read["dense"], "pruned_read_bytes": read["pruned"],
-            "ideal_decode_speedup": read["dense"] / read["pruned"]}
+            "ideal_decode_speedup": read["dense"] / read["pruned"],
+            "ideal_prefill_speedup": layers["dense"] / layers["pruned"]}
 
 
 def stored(config) -> dict:
@@ -193,7 +197,8 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
             torch.cuda.empty_cache()
     bar.close()
     report["process_peak_rss_bytes"] = peaks.overall()
-    report["noise"] = noise_flags(report["results"], report["roofline"]["ideal_decode_speedup"])
+    report["noise"] = noise_flags(report["results"], report["roofline"]["ideal_decode_speedup"],
+                                  report["roofline"]["ideal_prefill_speedup"])
     if eval:
         report["perplexity"] = perplexities(dirs, tuple(eval_datasets), max_windows, dev, progress)
     if out is not None:

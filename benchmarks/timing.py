@@ -110,15 +110,19 @@ def ratios(dense: dict[str, dict], pruned: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-# Speed ratios that pruning can raise at most as much as it cuts the weight bytes (and linear FLOPs).
-BOUNDED_RATIOS = ("decode_tokens_per_s", "prefill_tokens_per_s", "end_to_end_tokens_per_s")
+# Speed ratios that pruning can raise at most as much as it cuts what bounds them: the weight bytes a
+# decode step reads; the decoder layers' FLOPs for a prefill (and for end to end, a mix of both phases).
+DECODE_BOUNDED = ("decode_tokens_per_s",)
+PREFILL_BOUNDED = ("prefill_tokens_per_s", "end_to_end_tokens_per_s")
 MAX_SPREAD = 0.30
 
 
-def noise_flags(results: list[dict], ideal: float, max_spread: float = MAX_SPREAD) -> list[str]:
-    """What in ``results`` is noise, not a measurement: a pruned/dense speed ratio above ``ideal`` (the
-    weight-bytes roofline; pruning cannot do better), or a figure whose min-max spread over its repeats
-    exceeds ``max_spread`` of its median.
+def noise_flags(results: list[dict], ideal: float, ideal_prefill: float | None = None,
+                max_spread: float = MAX_SPREAD) -> list[str]:
+    """What in ``results`` is noise, not a measurement: a pruned/dense decode ratio above ``ideal`` (the
+    weight-bytes roofline; pruning cannot do better), a prefill or end-to-end ratio above
+    ``ideal_prefill`` (the decoder layers' weight ratio; ``ideal`` when not given), or a figure whose
+    min-max spread over its repeats exceeds ``max_spread`` of its median.
 
     Example:
         >>> cell = {"backend": "torch", "batch": 1, "ratios": {"decode_tokens_per_s": 1.5},
@@ -126,15 +130,17 @@ def noise_flags(results: list[dict], ideal: float, max_spread: float = MAX_SPREA
         >>> [f.split(":")[0] for f in noise_flags([cell], ideal=1.3)]
         ['torch batch 1']
     """
+    bounds = [(key, ideal, "weight-bytes roofline") for key in DECODE_BOUNDED]
+    bounds += [(key, ideal_prefill or ideal, "decoder-layer FLOPs bound") for key in PREFILL_BOUNDED]
     flags = []
     for entry in results:
         where = f"{entry['backend']} batch {entry['batch']}"
-        for key in BOUNDED_RATIOS:
+        for key, bound, what in bounds:
             ratio = entry["ratios"].get(key)
-            if ratio is not None and ratio > ideal:
-                flags.append(f"{where}: pruned/dense {key} {ratio:.3f}x is above the weight-bytes roofline "
-                             f"{ideal:.3f}x, which pruning cannot beat: noise (a loaded machine?); rerun with more "
-                             "--repeats on an idle one")
+            if ratio is not None and ratio > bound:
+                flags.append(f"{where}: pruned/dense {key} {ratio:.3f}x is above the {what} {bound:.3f}x, which "
+                             "pruning cannot beat: noise (a loaded machine?); rerun with more --repeats on an idle "
+                             "one")
         for name, variant in entry["variants"].items():
             for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
                 s = variant["figures"].get(key)

@@ -136,8 +136,8 @@ def test_run_bench_interleaves_and_reports_medians_with_a_fake_clock(tiny_dirs, 
         assert entry["ratios"]["decode_tokens_per_s"] == pytest.approx(2.0)
         assert entry["ratios"]["prefill_tokens_per_s"] == pytest.approx(2.0)
         assert dense["memory"]["kv_cache_bytes"] == 2 * 2 * batch * 2 * (4 + 3 - 1) * 24 * 4  # layers*2*b*kv*len*hd*B
-    # the narrower FFN reads fewer bytes per decode step
-    assert report["roofline"]["ideal_decode_speedup"] > 1
+    # the narrower FFN reads fewer bytes per decode step; the unpruned lm_head weighs less in a prefill
+    assert report["roofline"]["ideal_prefill_speedup"] > report["roofline"]["ideal_decode_speedup"] > 1
     # no fasp.json names the dense model: measured, since the shapes agree, with a note saying so
     assert any("no fasp.json" in note for note in report["notes"])
     assert report["pruned"]["params"] < report["dense"]["params"]
@@ -302,3 +302,18 @@ def test_bench_prints_its_ratios_before_writing_the_report(tiny_dirs, tmp_path, 
     assert result.exit_code == 1 and "No space left" in result.output
     assert result.output.index("pruned/dense decode tokens/s") < result.output.index("error:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "pruned"]  # no report, no temporary directory
+
+
+def test_prefill_ratios_are_bounded_by_the_layers_and_decode_by_the_bytes_read():
+    from faspx.benchmarks.timing import noise_flags, spread
+
+    steady = {"figures": {k: spread([10.0, 10.0]) for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}}
+    cell = {"backend": "torch", "batch": 1, "variants": {"dense": steady, "pruned": steady},
+            "ratios": {"decode_tokens_per_s": 1.25, "prefill_tokens_per_s": 1.4, "end_to_end_tokens_per_s": 1.35}}
+    assert noise_flags([cell], ideal=1.31, ideal_prefill=1.43) == []  # a prefill may beat the decode roofline
+    cell["ratios"]["decode_tokens_per_s"] = 1.33
+    cell["ratios"]["prefill_tokens_per_s"] = 1.5
+    flags = noise_flags([cell], ideal=1.31, ideal_prefill=1.43)
+    assert len(flags) == 2 and "decode_tokens_per_s 1.330x is above the weight-bytes roofline" in flags[0]
+    assert "prefill_tokens_per_s 1.500x is above the decoder-layer FLOPs bound 1.430x" in flags[1]
+
