@@ -67,6 +67,8 @@ def verbosity(fn):
         logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
         for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # lm-eval logs every step and warns about faspx's own task configs: faspx prints the summary
+        logging.getLogger("lm_eval").setLevel(logging.DEBUG if verbose else logging.ERROR)
         if quiet:
             import transformers
 
@@ -246,6 +248,46 @@ def recipes() -> None:
                "tokens; time: prune + distillation in units of one dense forward over those tokens (docs/accuracy.md).")
 
 
+def _tasks(_ctx, _param, value: str | None) -> tuple[str, ...] | None:
+    from faspx.tasks import parse_tasks
+
+    try:
+        return parse_tasks(value) if value is not None else None
+    except UsageError as err:
+        raise click.BadParameter(str(err).removeprefix("--tasks: ")) from None
+
+
+def _zeroshot(model_name: str, tasks: tuple[str, ...], tasks_dir: str | None, limit: int | None, batch_size: int,
+              device: str, dtype: str, json_out: Path | None, progress: bool) -> None:
+    """faspx eval --tasks: every check that needs no weights, then lm-eval, then the scores."""
+    from faspx.models import check_config_file, check_weight_files, resolve
+    from faspx.outputs import check_file_out, write_json
+    from faspx.prune import resolve_device, resolve_dtype
+    from faspx.tasks import check_tasks_dir
+    from faspx.zeroshot import require_lm_eval, score_model
+
+    root = check_tasks_dir(tasks, tasks_dir)
+    require_lm_eval()
+    if json_out:
+        check_file_out(json_out)
+    resolve_dtype(dtype, resolve_device(device))
+    source, _ = resolve(model_name)
+    if Path(source).is_dir():
+        check_config_file(Path(source) / "config.json")
+        check_weight_files(source)
+    result = score_model(model_name, tasks, root, limit, batch_size, device, dtype, progress=progress)
+    rows = f"first {limit} rows" if limit else "all rows"
+    click.echo(f"zero-shot accuracy of {model_name} ({result['runtime']}, {result['dtype']}; {rows}; "
+               f"lm-eval {result['lm_eval']}, {result['seconds']:.1f}s)")
+    for task, entry in result["tasks"].items():
+        scores = ", ".join(f"{m} {v['value']:.4f}" for m, v in entry["metrics"].items())
+        note = f"  [{entry['differs_from_lm_eval']}]" if "differs_from_lm_eval" in entry else ""
+        click.echo(f"  {task:<14} {scores} ({entry['rows']} rows){note}")
+    click.echo(f"  {'mean':<14} {result['mean']:.4f} (acc_norm where a task has it, else acc)")
+    if json_out:
+        write_json(json_out, result)
+
+
 @main.command("eval")
 @click.option("--model", "model_name", required=True, help="Hub id or local model directory.")
 @click.option("--dataset", default="wikitext2", show_default=True,
@@ -257,11 +299,21 @@ def recipes() -> None:
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the result to this JSON file (replaced if it exists).")
+@click.option("--tasks", default=None, callback=_tasks,
+              help="Zero-shot accuracy instead of perplexity, through lm-evaluation-harness: comma-separated "
+                   "boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, or all.")
+@click.option("--tasks-dir", default=None,
+              help="Directory of the task files [default: $FASPX_ZEROSHOT_DIR or ../shared/data/zeroshot]; "
+                   "hub: lm-eval's own tasks, data from the Hugging Face hub.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows of each task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Log-likelihood requests per forward (zero-shot).")
 @verbosity
 def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None, device: str, dtype: str,
-             json_out: Path | None, progress: bool) -> None:
-    """Perplexity on non-overlapping windows (the SparseGPT/Wanda protocol); an ONNX export folder
-    (model.onnx) is evaluated in onnxruntime."""
+             json_out: Path | None, tasks: tuple[str, ...] | None, tasks_dir: str | None, limit: int | None,
+             batch_size: int, progress: bool) -> None:
+    """Perplexity on non-overlapping windows (the SparseGPT/Wanda protocol), or with --tasks zero-shot
+    accuracy (lm-evaluation-harness); an ONNX export folder (model.onnx) is evaluated in onnxruntime."""
     from faspx.data import eval_ids
     from faspx.eval import perplexity
     from faspx.models import check_config_file, check_weight_files, load_tokenizer, resolve
@@ -269,6 +321,8 @@ def eval_cmd(model_name: str, dataset: str, seqlen: int, max_windows: int | None
     from faspx.pipeline import check_eval, eval_seqlen, load_any
     from faspx.prune import resolve_device, resolve_dtype
 
+    if tasks:
+        return _zeroshot(model_name, tasks, tasks_dir, limit, batch_size, device, dtype, json_out, progress)
     # Everything that needs no weights first: the text, the windows, the output file, the device.
     check_eval(dataset, max_windows, seqlen)
     if json_out:
@@ -471,12 +525,18 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, dev
 @click.option("--eval", "with_eval", is_flag=True, help="Add dense and pruned perplexity to the report.")
 @click.option("--eval-dataset", default="wikitext2", show_default=True, help="wikitext2, c4 or a text file.")
 @click.option("--eval-windows", type=click.IntRange(min=1), default=None, help="Evaluate only the first N windows.")
+@click.option("--eval-tasks", default=None, callback=_tasks,
+              help="Add dense and pruned zero-shot accuracy (lm-evaluation-harness) on these tasks (comma-separated, "
+                   "or all) to fasp.json and OUT/zeroshot.md; the dense scores are cached.")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None,
+              help="Score only the first N rows of each task.")
+@click.option("--tasks-dir", default=None, help="Directory of the task files (see faspx eval --tasks-dir).")
 @click.option("--bench", "with_bench", is_flag=True,
               help="Then benchmark dense vs pruned (torch and onnxruntime, batch 1) into OUT/bench.")
 @verbosity
 def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | None, with_eval: bool,
-          eval_dataset: str, eval_windows: int | None, with_bench: bool, force: bool, resume: bool,
-          progress: bool, **options) -> None:
+          eval_dataset: str, eval_windows: int | None, eval_tasks: tuple[str, ...] | None, eval_limit: int | None,
+          tasks_dir: str | None, with_bench: bool, force: bool, resume: bool, progress: bool, **options) -> None:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
     The default recipe, quality, gives the best stock model faspx makes (`faspx recipes`)."""
@@ -486,7 +546,8 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
     start = time.perf_counter()
     built = run_build(model_name, sparsity, out, recipe, calib=calib, target=target, device=device, dtype=dtype,
                       save_dtype=save_dtype, fp16=fp16, atol=atol, eval_dataset=eval_dataset if with_eval else None,
-                      eval_windows=eval_windows, bench=with_bench, force=force, progress=progress,
+                      eval_windows=eval_windows, eval_tasks=eval_tasks or (), eval_limit=eval_limit,
+                      tasks_dir=tasks_dir, bench=with_bench, force=force, progress=progress,
                       command=command_line(click.get_current_context()), resume=resume)
     info = built.info
     click.echo(f"built {out} from {model_name} in {time.perf_counter() - start:.1f}s")
@@ -497,6 +558,14 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
         e = info.eval
         click.echo(f"  perplexity ({eval_dataset}, {e['windows']} windows): dense {e['dense']:.3f}, "
                    f"pruned {e['pruned']:.3f}")
+    if info.zeroshot:
+        z = info.zeroshot
+        rows = f"first {z['limit']} rows" if z["limit"] else "all rows"
+        click.echo(f"  zero-shot ({rows}; dense {'from the cache' if z['dense'].get('cached') else 'scored'}):")
+        for row in z["table"]:
+            dense = "-" if row["dense"] is None else f"{row['dense']:.4f}"
+            click.echo(f"    {row['task']:<14} {row['metric']:<8} dense {dense}, pruned {row['pruned']:.4f}")
+        click.echo(f"  table: {out / 'zeroshot.md'}")
     if built.bench:
         echo_bench(built.bench, out / "bench")
 

@@ -233,7 +233,8 @@ class FaspInfo:
     ``form`` is decided once, from the prune's result: ``stock`` (stock transformers classes load it),
     ``nemotron-nas`` (per-layer FFN widths) or ``dense`` (an unpruned source exported as it is);
     loaders and exporters dispatch on it. ``recipe`` is the resolved recipe (``--recipe fasp.json``
-    reads it back), ``prune`` the PruneReport, ``distill`` the DistillReport.
+    reads it back), ``prune`` the PruneReport, ``distill`` the DistillReport, ``eval`` perplexity and
+    ``zeroshot`` task accuracy (dense and pruned) when the build measured them.
 
     Example:
         >>> info = FaspInfo(source_model="m", form="dense", pruned=False)
@@ -258,6 +259,7 @@ class FaspInfo:
     timings: dict = field(default_factory=dict)
     exports: dict = field(default_factory=dict)
     eval: dict | None = None
+    zeroshot: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.faspx_version:

@@ -272,12 +272,15 @@ def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "aut
 def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | None = None, *,
           calib: Calibration = Calibration(), target: str = "all", device: str = "auto", dtype: str = "auto",
           save_dtype: str = "float32", fp16: bool = False, atol: float | None = None,
-          eval_dataset: str | None = None, eval_windows: int | None = None, bench: bool = False,
+          eval_dataset: str | None = None, eval_windows: int | None = None, eval_tasks: tuple[str, ...] = (),
+          eval_limit: int | None = None, tasks_dir: str | None = None, bench: bool = False,
           force: bool = False, progress: bool = True, command: str = "", resume: bool = False) -> BuildResult:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
-    ``eval_dataset`` adds dense and pruned perplexity; ``bench`` then benchmarks dense vs pruned
-    into OUT/bench. ``command`` is logged first in build.log. ``resume``: see ``prune_model``.
+    ``eval_dataset`` adds dense and pruned perplexity; ``eval_tasks`` dense and pruned zero-shot
+    accuracy (first ``eval_limit`` rows of each task; the dense scores cached) into fasp.json and
+    OUT/zeroshot.md; ``bench`` then benchmarks dense vs pruned into OUT/bench. ``command`` is logged
+    first in build.log. ``resume``: see ``prune_model``.
 
     Example:
         >>> built = build("~/.cache/faspx/smollm2-135m", 0.3, Path("out/x"), target="hf")  # doctest: +SKIP
@@ -286,6 +289,12 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
     check_export(target, atol, recipe=recipe, bench=bench)
     if eval_dataset:
         check_eval(eval_dataset, eval_windows)
+    if eval_tasks:
+        from faspx.tasks import check_tasks_dir
+        from faspx.zeroshot import require_lm_eval
+
+        tasks_root = check_tasks_dir(eval_tasks, tasks_dir)
+        require_lm_eval()
     check_prune(model_name, sparsity, recipe, calib, device, dtype)
     check_out(out, force)
     start = time.perf_counter()
@@ -307,6 +316,13 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
             info.timings["export_s"] = time.perf_counter() - t
             if eval_dataset:
                 info.eval = evaluate_both(model_name, model, eval_dataset, eval_windows, device, dtype, progress)
+            if eval_tasks:
+                from faspx.zeroshot import markdown
+
+                info.zeroshot = zeroshot_both(model_name, model, result.tokenizer, eval_tasks, tasks_root,
+                                              eval_limit, device, dtype, progress)
+                (tmp / "zeroshot.md").write_text(markdown(info.zeroshot["table"], eval_limit,
+                                                          info.zeroshot["differences"]))
             info.write(tmp / "fasp.json")
             log.info("done in %.1fs", time.perf_counter() - start)
         finally:
@@ -364,3 +380,24 @@ def evaluate_both(dense_name: str, pruned: nn.Module, dataset: str, windows: int
                             progress=progress)
     return {"dataset": dataset, "seqlen": seqlen, "windows": min(ids.numel() // seqlen, windows or 10**9),
             "dtype": str(eval_dtype).removeprefix("torch."), "dense": dense_ppl, "pruned": pruned_ppl}
+
+
+def zeroshot_both(dense_name: str, pruned: nn.Module, tokenizer, tasks: tuple[str, ...], root: Path | str,
+                  limit: int | None, device: str, dtype: str, progress: bool) -> dict:
+    """Zero-shot accuracy of the dense source (cached per model and task set) and of the pruned model,
+    same tasks and rows, in the forward dtype of the prune; the table of both."""
+    from faspx.prune import resolve_device, resolve_dtype
+    from faspx.zeroshot import evaluate, hf_lm, score_model, table
+
+    dev = resolve_device(device)
+    eval_dtype = resolve_dtype(dtype, dev)
+    dense = score_model(dense_name, tasks, root, limit, device=str(dev), dtype=str(eval_dtype).removeprefix("torch."),
+                        use_cache=True, progress=progress)
+    log.info("zero-shot tasks %s on the pruned model", ",".join(tasks))
+    model = copy.deepcopy(pruned).to(device=dev, dtype=eval_dtype).eval()
+    pruned_scores = evaluate(hf_lm(model, tokenizer), tasks, root, limit, progress=progress)
+    differences = {t: e["differs_from_lm_eval"] for t, e in pruned_scores["tasks"].items()
+                   if "differs_from_lm_eval" in e}
+    return {"tasks": list(tasks), "limit": limit, "dtype": str(eval_dtype).removeprefix("torch."),
+            "dense": dense, "pruned": pruned_scores, "table": table(dense, pruned_scores), "differences": differences}
+
