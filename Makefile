@@ -46,7 +46,7 @@ model:
 
 # The tests, and the runnable examples in the docstrings.
 test:
-	$(PY) -m pytest -q tests --doctest-modules faspx exporters benchmarks
+	$(PY) -m pytest -q tests --doctest-modules faspx exporters benchmarks --durations=20
 
 lint:
 	$(VENV)/bin/ruff check faspx exporters benchmarks tests

@@ -242,7 +242,7 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo 
     path = out_dir / "model.onnx"
     start = time.perf_counter()
     used = None
-    with steps("ONNX export", 3 if exporter == "torchscript" else 2, progress) as bar, export_mode(net):
+    with steps("ONNX export", 2, progress) as bar, export_mode(net):  # a dynamo fallback adds one
         wrapper = KVDecoder(net).eval()
         args = example_inputs(net.config, dtype, device)
         if exporter in ("auto", "dynamo"):

@@ -128,7 +128,7 @@ def test_the_summary_gives_the_opset_the_file_declares(pruned_dir, tmp_path):
 
 def test_onnx_export_and_validation_show_their_steps(pruned_dir, tmp_path):
     result = CliRunner().invoke(main, ["export", "--model", str(pruned_dir), "--target", "onnx", "--out",
-                                       str(tmp_path / "o")])
+                                       str(tmp_path / "o"), "--exporter", "torchscript"])
     assert result.exit_code == 0, result.output
     assert "ONNX export: 2/2 steps" in result.output and "ONNX validation: 5/5 steps" in result.output
     assert "decode step 3" in result.output
@@ -164,7 +164,8 @@ def test_eval_runs_an_onnx_export_like_pytorch(tmp_path, opt_tokenizer, text_fil
     dense = save_tiny("llama", tmp_path / "dense", opt_tokenizer)
     out = tmp_path / "out"
     runner = CliRunner()
-    result = runner.invoke(main, ["export", "--model", str(dense), "--target", "all", "--out", str(out), "-q"])
+    result = runner.invoke(main, ["export", "--model", str(dense), "--target", "all", "--out", str(out), "-q",
+                                  "--exporter", "torchscript"])
     assert result.exit_code == 0, result.output
     ppl = {}
     for kind in ("hf", "onnx"):
