@@ -29,7 +29,9 @@ def build_args(model_dir, text_file, out, *extra):
 def start_and_wait_for_partial_weights(args, parent, timeout=120):
     """Start faspx in a child process; return it once its temporary output holds weights (mid-export)."""
     child = subprocess.Popen([sys.executable, "-m", "faspx.cli", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                             stderr=subprocess.PIPE, text=True,
+                             # a crash of the child (once: SIGSEGV after SIGTERM in CI) prints its stack
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(parent.glob(".out.tmp-*/hf/model.safetensors")):
