@@ -89,6 +89,8 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
     """Run the sweep and print a Markdown table; results land in --out as they come."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from faspx.adapters import adapter_for
+    from faspx.benchmarks.memory import kv_bytes_per_token
     from faspx.data import calibration_ids, eval_ids
     from faspx.distill import distill
     from faspx.eval import perplexity
@@ -126,6 +128,7 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
                 continue
             model = copy.deepcopy(master)
             report = prune(model, calib_ids, s, recipe, dtype=fwd)
+            layers = adapter_for(model.config).layers(model)
             seconds, distilled = report.seconds, None
             if recipe.distill:
                 distilled = distill(model, master, calib_ids, recipe.distill, lr=recipe.distill_lr,
@@ -135,6 +138,10 @@ def main(model_dir, calib, eval_source, nsamples, seqlen, eval_seqlen, max_windo
                    "prune_seconds": report.seconds, "distill": distilled, "recipe": recipe.to_dict(),
                    "removed_fraction": report.removed_fraction, "n_remove": report.n_remove, "form": report.form,
                    "splits": report.splits, "layer_widths": report.layer_widths,
+                   "attention_removed": report.attention_removed, "depth_seconds": report.depth_seconds,
+                   "kv_bytes_per_token_bf16": kv_bytes_per_token(model.config, 2)
+                   * (len(layers) - len(report.attention_removed or [])) // len(layers),
+                   "x_dense_forward": seconds / results["dense_forward_s"],
                    "command": f"faspx prune --model {model_dir} --sparsity {s} --calib {calib} "
                               f"--nsamples {nsamples} --seqlen {seqlen} --dtype {dtype} {cli_flags(recipe)} "
                               "--out OUT"}

@@ -71,13 +71,39 @@ def layer_weight_bytes(model: torch.nn.Module) -> int:
     return decode_read_bytes(model) - (head.weight.numel() * head.weight.element_size() if head is not None else 0)
 
 
-def kv_cache_bytes(config, batch: int, length: int, bytes_per_value: int) -> int:
-    """Keys and values of every layer for ``batch`` sequences of ``length`` tokens:
-    layers * 2 * batch * kv_heads * length * head_dim * bytes."""
+def attention_layer_count(config) -> int:
+    """Decoder layers that have attention (a KV cache entry): all of them, but for the nemotron-nas
+    blocks marked ``attention.no_op`` (``--recipe 2ssp``).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> attention_layer_count(NS(num_hidden_layers=3, block_configs=[{"attention": {"no_op": True}}] +
+        ...                          [{"attention": {"no_op": False}}] * 2))
+        2
+    """
+    blocks = getattr(config, "block_configs", None)
+    if not blocks:
+        return config.num_hidden_layers
+
+    def no_op(block) -> bool:
+        attention = block["attention"] if isinstance(block, dict) else block.attention
+        return bool(attention["no_op"] if isinstance(attention, dict) else attention.no_op)
+
+    return sum(not no_op(b) for b in blocks)
+
+
+def kv_bytes_per_token(config, bytes_per_value: int) -> int:
+    """KV cache bytes one token of one sequence takes: layers with attention * 2 * kv_heads * head_dim * bytes."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers * 2 * batch * kv_heads * length * head_dim * bytes_per_value
+    return attention_layer_count(config) * 2 * kv_heads * head_dim * bytes_per_value
+
+
+def kv_cache_bytes(config, batch: int, length: int, bytes_per_value: int) -> int:
+    """Keys and values of every layer with attention for ``batch`` sequences of ``length`` tokens:
+    layers * 2 * batch * kv_heads * length * head_dim * bytes."""
+    return batch * length * kv_bytes_per_token(config, bytes_per_value)
 
 
 def cuda_used_bytes(device: torch.device) -> int:

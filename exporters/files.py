@@ -59,12 +59,16 @@ def require_model_dir(path: str | Path, need: tuple[str, ...] = ()) -> Path:
     return path
 
 
-def write_config(model, out_dir: Path, dtype: str) -> None:
+def write_config(model, out_dir: Path, dtype: str, kv_layers: list[int] | None = None) -> None:
     """A stock config.json for ``model`` (its current, reduced FFN width), saved weights in ``dtype``.
 
     ``auto_map`` is dropped so that nothing points at custom code: stock classes load the directory.
+    ``kv_layers`` (the layers that kept their attention, when some did not) is written as
+    ``faspx_kv_layers``: the graph's ``past_key_values.{j}`` is layer ``faspx_kv_layers[j]``'s cache.
     """
     data = model.config.to_diff_dict()
+    if kv_layers is not None and len(kv_layers) < model.config.num_hidden_layers:
+        data["faspx_kv_layers"] = kv_layers
     if not data.get("architectures"):  # set by save_pretrained only; a model built from a config lacks it
         data["architectures"] = [type(model).__name__]
     data.pop("auto_map", None)

@@ -26,8 +26,12 @@ def genai_unsupported(config) -> str | None:
     return None
 
 
-def genai_config(config, generation_config=None, context_length: int | None = None) -> dict:
+def genai_config(config, generation_config=None, context_length: int | None = None,
+                 kv_layers: int | None = None) -> dict:
     """The genai_config.json of an export of ``config`` (a transformers config, its FFN width as pruned).
+
+    ``kv_layers``: how many layers have a KV cache (fewer than the layers when 2SSP removed some
+    attention): genai counts the graph's past/present tensors by ``num_hidden_layers``, nothing else.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -59,7 +63,7 @@ def genai_config(config, generation_config=None, context_length: int | None = No
                 "hidden_size": config.hidden_size,
                 "num_attention_heads": heads,
                 "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-                "num_hidden_layers": config.num_hidden_layers,
+                "num_hidden_layers": config.num_hidden_layers if kv_layers is None else kv_layers,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
@@ -78,7 +82,10 @@ def write_genai_config(model, out_dir: Path) -> str | None:
     """Write OUT/onnx/genai_config.json where onnxruntime-genai runs the model; else return why not."""
     reason = genai_unsupported(model.config)
     if reason is None:
-        data = genai_config(model.config, getattr(model, "generation_config", None))
+        from faspx.exporters.onnx import kv_layers
+
+        data = genai_config(model.config, getattr(model, "generation_config", None),
+                            kv_layers=len(kv_layers(model)))
         (Path(out_dir) / GENAI_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
     return reason
 

@@ -4,9 +4,10 @@ The FFN width FASP left is already in ``model.config`` (``ffn_dim`` / ``intermed
 ``save_pretrained`` writes a config that ``AutoModelForCausalLM.from_pretrained`` reads without
 ``trust_remote_code``; ``auto_map`` is removed in case the source had one.
 
-A model pruned with ``--ffn-widths per-layer`` (layers of different FFN widths) cannot be stock: it is
-written in the nemotron-nas (DeciLM) form that vLLM serves (``block_configs``, ``ffn_mult`` per layer),
-with the two small code files of exporters/decilm that transformers loads with ``trust_remote_code=True``.
+A model pruned with ``--ffn-widths per-layer`` (layers of different FFN widths) or ``--recipe 2ssp``
+(layers without attention) cannot be stock: it is written in the nemotron-nas (DeciLM) form that vLLM
+serves (``block_configs``: per layer ``attention.no_op`` and the exact ``ffn.intermediate_size``), with
+the two small code files of exporters/decilm that transformers loads with ``trust_remote_code=True``.
 
 Example:
     >>> from faspx.exporters import export_hf
@@ -115,30 +116,39 @@ def export_hf(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo | 
         model.config.dtype = config_dtype
     fix_saved_config(out_dir, dtype_name(save_dtype))
     form = fasp_info.form if fasp_info is not None else "stock"
-    widths = adapter_for(model.config).ffn_widths(model)
+    from faspx.depth import attention_layers  # faspx.depth imports this package's DeciLM code
+
+    adapter = adapter_for(model.config)
+    widths, attention = adapter.ffn_widths(model), attention_layers(model, adapter)
     if form == "nemotron-nas":
-        write_nas_config(model, out_dir, widths)
-    elif len(set(widths)) > 1:
-        raise FaspxError(f"the layers have different FFN widths {sorted(set(widths))} but the output form is "
-                         f"{form!r}: only the nemotron-nas form can hold them")
+        write_nas_config(model, out_dir, widths, attention)
+    elif len(set(widths)) > 1 or not all(attention):
+        raise FaspxError(f"the layers have different FFN widths {sorted(set(widths))} or removed attention but the "
+                         f"output form is {form!r}: only the nemotron-nas form can hold them")
     write_side_files(model, tokenizer, out_dir, fasp_info)
     return {**dir_summary(out_dir), "dtype": dtype_name(save_dtype), "form": form}
 
 
-def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int]) -> None:
-    """Turn the saved LLaMA config into the nemotron-nas form (per-layer ``ffn_mult``) and add its code files."""
+def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int], attention: list[bool]) -> None:
+    """Turn the saved LLaMA config into the nemotron-nas form (per-layer attention and FFN width) and add
+    its code files."""
     path = out_dir / "config.json"
     data = json.loads(path.read_text())
     kv_heads = model.config.num_key_value_heads or model.config.num_attention_heads
     data.update(model_type="nemotron-nas", architectures=["DeciLMForCausalLM"], auto_map=AUTO_MAP,
                 intermediate_size=max(widths),
-                block_configs=block_configs(widths, model.config.hidden_size,
-                                            model.config.num_attention_heads // kv_heads))
+                block_configs=block_configs(widths, model.config.num_attention_heads // kv_heads, attention))
     write_json(path, data)
     for code in CODE_FILES:
         shutil.copyfile(code, out_dir / code.name)
-    log.warning("layers have different FFN widths: wrote the nemotron-nas (DeciLM) form, which vLLM serves and "
-                "transformers loads with trust_remote_code=True; stock LlamaForCausalLM cannot load it")
+    no_attention = [i for i, a in enumerate(attention) if not a]
+    what = [*(["different FFN widths"] if len(set(widths)) > 1 else []),
+            *([f"no attention in layers {no_attention}"] if no_attention else [])]
+    log.warning("%s: wrote the nemotron-nas (DeciLM) form, which vLLM serves and transformers loads with "
+                "trust_remote_code=True; stock LlamaForCausalLM cannot load it", " and ".join(what))
+    if attention and not attention[0]:
+        log.warning("layer 0 has no attention: vLLM 0.32's nemotron_nas model cannot run such a first layer "
+                    "(its norm expects the residual that layer 0's attention would start)")
 
 
 def load_nas(directory: str | Path, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object]:

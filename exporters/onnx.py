@@ -92,13 +92,27 @@ def kv_layout(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
+def kv_layers(model: nn.Module) -> list[int]:
+    """The decoder layers that have a KV cache: all but those whose attention was removed (2SSP). The
+    graph's ``past_key_values.{j}`` / ``present.{j}`` belong to the j-th of them."""
+    from faspx.adapters import adapter_for
+    from faspx.depth import attention_layers
+
+    return [i for i, has in enumerate(attention_layers(model, adapter_for(model.config))) if has]
+
+
 class KVDecoder(nn.Module):
-    """Flat tensors in and out around a transformers causal LM: the signature the ONNX graph gets."""
+    """Flat tensors in and out around a transformers causal LM: the signature the ONNX graph gets.
+
+    Layers without attention have no cache tensors in the graph: inside, they get the one-value-per-
+    token placeholders that ``NoAttention`` keeps (so the cache still counts the tokens seen)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.cache_keyword = cache_keyword(model)
+        self.kv_layers = kv_layers(model)
+        self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -106,16 +120,25 @@ class KVDecoder(nn.Module):
         # Plain full-attention layers, also for sliding-window configs: the model's own sliding mask
         # then restricts attention, so the graph stays exact beyond the window (the cache just keeps
         # every position instead of dropping old ones).
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
+        given = dict(zip(self.kv_layers, zip(past[0::2], past[1::2], strict=True), strict=True))
+        entries = [given[i] for i in range(len(given))] if len(given) == self.n_layers else None
+        if entries is None:
+            mark = past[0].new_zeros(past[0].shape[0], 1, past[0].shape[2], 1)
+            entries = [given[i] if i in given else (mark, mark) for i in range(self.n_layers)]
+        cache = DynamicCache(ddp_cache_data=entries)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, return_dict=True, **{self.cache_keyword: cache})
-        present = [t for layer in returned_cache(out).layers for t in (layer.keys, layer.values)]
+        layers = returned_cache(out).layers
+        present = [t for i in self.kv_layers for t in (layers[i].keys, layers[i].values)]
         return (out.logits, *present)
 
 
-def example_inputs(config, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs: batch 2, 3 new tokens on 4 past ones, one padded position (see EXAMPLE_*)."""
-    layers, kv_heads, head_dim = kv_layout(config)
+def example_inputs(config, dtype: torch.dtype, device: torch.device,
+                   layers: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs: batch 2, 3 new tokens on 4 past ones, one padded position (see EXAMPLE_*);
+    KV tensors for ``layers`` layers (default: every layer)."""
+    n_layers, kv_heads, head_dim = kv_layout(config)
+    layers = n_layers if layers is None else layers
     vocab = config.get_text_config(decoder=True).vocab_size
     g = torch.Generator().manual_seed(0)
     total = EXAMPLE_PAST + EXAMPLE_SEQ
@@ -244,7 +267,9 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo 
     used = None
     with steps("ONNX export", 2, progress) as bar, export_mode(net):  # a dynamo fallback adds one
         wrapper = KVDecoder(net).eval()
-        args = example_inputs(net.config, dtype, device)
+        if not wrapper.kv_layers:
+            raise FaspxError("every layer's attention was removed: there is no KV cache to export")
+        args = example_inputs(net.config, dtype, device, len(wrapper.kv_layers))
         if exporter in ("auto", "dynamo"):
             bar.next("dynamo: trace, convert, optimize, save")
             try:
@@ -265,7 +290,7 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo 
         seconds = time.perf_counter() - start
         bar.next("config, tokenizer, fasp.json")
         written = graph_opset(path)  # what the file says, whatever was asked
-        write_config(net, out_dir, "float16" if fp16 else "float32")
+        write_config(net, out_dir, "float16" if fp16 else "float32", wrapper.kv_layers)
         write_side_files(net, tokenizer, out_dir, fasp_info)
         genai_reason = write_genai_config(net, out_dir)
     log.info("ONNX export (%s, opset %d) took %.1fs", used, written, seconds)
@@ -354,7 +379,8 @@ def _compare(dec, onnx_dir, model: nn.Module, atol: float | None, batch: int, le
     logits, past = dec.prefill(ids.numpy(), mask.numpy())
     prefill_diff = float(np.abs(logits.astype(np.float32) - ref)[keep].max())
     present_diff = 0.0
-    for layer, (key, value) in enumerate(zip(*[iter(dec.past_to_numpy(past))] * 2, strict=True)):
+    for layer, (key, value) in zip(kv_layers(model), zip(*[iter(dec.past_to_numpy(past))] * 2, strict=True),
+                                   strict=True):
         ref_key, ref_value = (t.float().cpu().numpy() for t in (cache.layers[layer].keys, cache.layers[layer].values))
         if ref_key.shape != key.shape:  # a sliding-window cache may have dropped positions
             continue

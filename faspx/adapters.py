@@ -55,6 +55,12 @@ class Adapter:
     # field, if any, that must be true for nothing to follow (OPT-350m norms after the addition).
     ffn_residual: str = ""
     ffn_residual_if: str = ""
+    # Whole-attention removal (2SSP's depth stage): the attention submodule and the norm that only it
+    # reads (both go), and the modules after the last layer that make the logits (the depth search
+    # scores perplexity from the stream). Empty: the family's layers cannot be served without attention.
+    attn_module: str = ""
+    attn_norm: str = ""
+    head: tuple[str, ...] = ()
 
     def ffn_residual_input(self, config) -> str | None:
         """The module whose input the FFN consumer's output is added to, last in the layer; None if a
@@ -120,6 +126,9 @@ LLAMA = Adapter(
     ),
     per_layer_types=("llama",),
     ffn_residual="post_attention_layernorm",
+    attn_module="self_attn",
+    attn_norm="input_layernorm",
+    head=("model.norm", "lm_head"),
 )
 
 ADAPTERS = (OPT, LLAMA)

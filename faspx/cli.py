@@ -130,11 +130,13 @@ def prune_options(fn):
                      help="Calibration windows."),
         click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
                      help="Tokens per window (capped at the model's max positions)."),
-        click.option("--structure", type=click.Choice(["fasp", "mlp", "auto"]), default=None,
+        click.option("--structure", type=click.Choice(["fasp", "mlp", "auto", "2ssp"]), default=None,
                      help="Override: fasp (FFN + V/O pairs at one ratio), mlp (the whole budget in the FFN), "
-                          "auto (the split that moves the last layer's output least, measured)."),
-        click.option("--selection", type=click.Choice(["wanda", "obs"]), default=None,
-                     help="Override: wanda (the paper's score) or obs (restoration-aware, structured OBS)."),
+                          "auto (the split that moves the last layer's output least, measured), 2ssp (whole "
+                          "attention submodules + FFN width, 2SSP's balance; nemotron-nas form)."),
+        click.option("--selection", type=click.Choice(["wanda", "obs", "norm"]), default=None,
+                     help="Override: wanda (the paper's score), obs (restoration-aware, structured OBS) or norm "
+                          "(2SSP's mean activation norm)."),
         click.option("--restore/--no-restore", default=None,
                      help="Override: least-squares restoration on or off (off: structured Wanda)."),
         click.option("--damp", default=None,
@@ -144,7 +146,7 @@ def prune_options(fn):
                      help="Override: refuse a restoration that raises a layer's error (off: the paper as written)."),
         click.option("--ffn-widths", type=click.Choice(["uniform", "per-layer"]), default=None,
                      help="Override: per-layer (LLaMA) shares the FFN budget between layers, widths in steps of 256, "
-                          "written in the nemotron-nas form vLLM serves: NOT stock (--target hf only)."),
+                          "written in the nemotron-nas form vLLM serves: NOT stock (no --bench)."),
         click.option("--distill", type=click.IntRange(min=0), default=None,
                      help="Override: distil from the dense model on the first N calibration windows (0: none; "
                           "needs the whole model twice on the device)."),
@@ -206,8 +208,13 @@ def command_line(ctx: click.Context) -> str:
 def removed_line(info) -> str:
     """What the prune removed, for the summary."""
     p, r = info.params, info.prune
-    ffn = (f"ffn {r['n_remove']['ffn']} channels per layer" if info.form != "nemotron-nas" else
-           f"ffn widths {min(r['layer_widths'])}-{max(r['layer_widths'])} by layer, nemotron-nas form")
+    widths = r.get("layer_widths")
+    ffn = (f"ffn widths {min(widths)}-{max(widths)} by layer" if widths and len(set(widths)) > 1
+           else f"ffn {r['n_remove']['ffn']} channels per layer")
+    if r.get("attention_removed"):
+        ffn += f", attention of layers {sorted(r['attention_removed'])} removed"
+    if info.form == "nemotron-nas":
+        ffn += ", nemotron-nas form"
     return (f"removed {r['removed_fraction']:.1%} of decoder linear weights (recipe {info.recipe['name']}, "
             f"structure {info.recipe['structure']}: attn {r['n_remove']['attn']}, {ffn}); non-zero "
             f"{p['decoder_linear_nonzero']:,} of {p['decoder_linear_stored']:,} stored, {p['stored']:,} parameters")

@@ -79,9 +79,12 @@ def check_prune(model_name: str, sparsity: float, recipe: Recipe, calib: Calibra
     if recipe.distill > calib.nsamples:
         raise UsageError(f"--distill {recipe.distill} (recipe {recipe.name}) needs at least as many calibration "
                          f"windows (--nsamples {calib.nsamples}): raise --nsamples, or lower --distill (0: none)")
+    if recipe.structure == "2ssp" and recipe.depth_samples > calib.nsamples:
+        raise UsageError(f"the attention search of recipe {recipe.name} scores {recipe.depth_samples} calibration "
+                         f"windows but --nsamples is {calib.nsamples}: raise --nsamples or lower depth_samples")
     check_text_source(calib.source, "--calib")
     config, adapter = load_config(model_name)
-    plan(meta_model(config), adapter, sparsity, recipe.structure)
+    plan(meta_model(config), adapter, sparsity, recipe.structure, recipe.alpha)
     check_ffn_widths(config, adapter, recipe)
     dev = resolve_device(device)
     fwd_dtype = resolve_dtype(dtype, dev)
@@ -207,7 +210,7 @@ def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: Fa
 def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto",
                  recipe: Recipe | None = None, bench: bool = False) -> None:
     """The export checks that need no weights: the target, the validation bound, the opset, and that
-    a recipe whose output is not stock (per-layer widths) goes to HF only, without a benchmark."""
+    a recipe whose output is not stock (nemotron-nas) is built without a benchmark."""
     from faspx.exporters.onnx import check_opset
 
     if target not in TARGETS:
@@ -216,10 +219,10 @@ def check_export(target: str, atol: float | None = None, opset: int = 18, export
         raise UsageError(f"--atol must be > 0 (got {atol})")
     if target != "hf":
         check_opset(opset, exporter)
-    if recipe is not None and not recipe.stock and (target != "hf" or bench):
-        raise UsageError(f"recipe {recipe.name} has per-layer FFN widths: its output is a nemotron-nas checkpoint, "
-                         "not a stock one: use --target hf without --bench (the ONNX export and the benchmark take "
-                         "stock models)")
+    if recipe is not None and not recipe.stock and bench:
+        raise UsageError(f"recipe {recipe.name} writes a nemotron-nas checkpoint (per-layer FFN widths or removed "
+                         "attention), not a stock one: build without --bench, then run `faspx bench` on OUT/onnx "
+                         "(the benchmark's PyTorch backend takes stock models)")
 
 
 def check_eval(dataset: str, windows: int | None, seqlen: int = 2048) -> None:

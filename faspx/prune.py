@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from faspx.adapters import Adapter, Pair, adapter_for
 from faspx.budget import Budget, candidates, plan
 from faspx.checkpoint import Checkpoint
+from faspx.depth import remove_attention, search_attention
 from faspx.errors import FaspxError, UsageError
 from faspx.recipes import Recipe, get_recipe
 from faspx.restore import reconstruction_error
@@ -46,7 +47,7 @@ class PairResult:
 
     keep: list[int]
     n_units: int
-    err_removed: float = 0.0
+    err_removed: float | None = 0.0
     err_restored: float | None = None
     damp: float | None = None
     restored: bool = False
@@ -79,6 +80,11 @@ class PruneReport:
     # ffn_widths="per-layer": each layer's FFN width, and each layer's measured error per candidate width
     layer_widths: list[int] | None = None
     width_errors: dict | None = None
+    # structure="2ssp": the layers whose attention was removed (in the order chosen), and each step of
+    # the search ({"removed", "ppl", "candidates": {layer: calibration ppl}})
+    attention_removed: list[int] | None = None
+    depth_search: list[dict] | None = None
+    depth_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (fasp.json records it under ``prune``)."""
@@ -141,8 +147,9 @@ def prune(
     model as a teacher and runs after this (``faspx.distill``, or ``faspx.pipeline.prune_model``,
     which does both). The FFN pair shrinks physically (the config's FFN width is updated); the V/O
     pair is zeroed at full width so that the result stays a stock transformers model. With per-layer
-    FFN widths (LLaMA only) the report's ``form`` is ``nemotron-nas``: faspx.exporters.hf writes it in
-    the form vLLM serves. With ``checkpoint`` (``faspx.checkpoint``) every pruned layer is saved, and a
+    FFN widths, or with structure ``2ssp`` (whole attention submodules removed after the FFN walk,
+    ``faspx.depth``; LLaMA only), the report's ``form`` is ``nemotron-nas``: faspx.exporters.hf writes
+    it in the form vLLM serves. With ``checkpoint`` (``faspx.checkpoint``) every pruned layer is saved, and a
     prune that finds one continues after its last saved layer, to the same bytes.
 
     Example:
@@ -156,7 +163,7 @@ def prune(
     """
     recipe = get_recipe(recipe)
     adapter = adapter_for(model.config)
-    budget = plan(model, adapter, sparsity, recipe.structure)
+    budget = plan(model, adapter, sparsity, recipe.structure, recipe.alpha)
     check_ffn_widths(model.config, adapter, recipe)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -166,17 +173,21 @@ def prune(
         removed_fraction=budget.removed_fraction, device=str(device), dtype=str(dtype).removeprefix("torch."),
         n_calib=int(calib_ids.shape[0]), seqlen=int(calib_ids.shape[1]),
     )
+    if recipe.structure == "2ssp":
+        report.attention_removed = []
     start = time.perf_counter()
-    if all(n == 0 for n in budget.n_remove.values()):
+    if all(n == 0 for n in budget.n_remove.values()) and not budget.depth:
         return report
 
     layers = adapter.layers(model)
     stream = Stream.capture(model, layers, calib_ids, device, dtype)
     state = checkpoint.state() if checkpoint is not None else None
     if state is not None:
-        start_layer, layer_budgets, residual = _resume(checkpoint, layers, stream, budget, report)
+        start_layer, layer_budgets, residual = _resume(checkpoint, adapter, layers, stream, budget, report)
     else:
         start_layer = 0
+        if budget.depth and recipe.sequential:  # the walk then solves each FFN for the model it will be in
+            _remove_depth(model, adapter, calib_ids, budget, recipe, device, dtype, report, progress)
         layer_budgets, residual = _plan_layers(model, adapter, layers, stream, pairs, budget, sparsity, recipe, report,
                                                progress)
     bar = tqdm(range(len(layers)), desc="pruning layers", unit="layer", disable=not progress, initial=start_layer)
@@ -185,9 +196,10 @@ def prune(
             results = prune_layer(layers[i], stream, pairs, layer_budgets[i], recipe, index=i, residual=residual)
             report.layers.append({p: PairResult.of(s, budget.units[p]) for p, s in results.items()})
             bar.update(1)
-            bar.set_postfix({p: f"{s.err_restored if s.restored else s.err_removed:.3g}" for p, s in results.items()})
+            bar.set_postfix({p: f"{s.err_restored if s.restored else s.err_removed or 0:.3g}"
+                             for p, s in results.items()})
             log.info("layer %d: %s", i, ", ".join(
-                f"{p} kept {len(s.keep)} err {s.err_removed:.4g}"
+                f"{p} kept {len(s.keep)}" + (f" err {s.err_removed:.4g}" if s.err_removed is not None else "")
                 + (f" -> {s.err_restored:.4g}" if s.err_restored is not None else "")
                 for p, s in results.items()))
             if checkpoint is not None:
@@ -201,6 +213,8 @@ def prune(
         raise
     finally:
         bar.close()
+    if budget.depth and not recipe.sequential:
+        _remove_depth(model, adapter, calib_ids, budget, recipe, device, dtype, report, progress)
     widths = adapter.ffn_widths(model)
     if len(set(widths)) > 1:
         report.form, report.layer_widths = "nemotron-nas", widths
@@ -211,6 +225,24 @@ def prune(
         report.layer_widths = widths if recipe.ffn_widths == "per-layer" else None
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _remove_depth(model: nn.Module, adapter: Adapter, calib_ids: torch.Tensor, budget: Budget, recipe: Recipe,
+                  device: torch.device, dtype: torch.dtype, report: PruneReport, progress: bool) -> None:
+    """Structure 2ssp: remove ``budget.depth`` attention submodules, searched by perplexity on the first
+    ``recipe.depth_samples`` calibration samples (``faspx.depth``), and record it in ``report``.
+
+    2SSP as published (not ``recipe.sequential``) searches after the FFN walk, on the FFN-pruned
+    model; a sequential recipe searches first, on the dense model, so that the walk's restoration
+    fits each FFN to the inputs it will get once the attention is gone."""
+    start = time.perf_counter()
+    samples = calib_ids[:recipe.depth_samples]
+    log.info("removing %d attention submodules, searched by perplexity on %d calibration sample(s)",
+             budget.depth, len(samples))
+    report.attention_removed, report.depth_search = search_attention(model, adapter, samples, budget.depth,
+                                                                     device, dtype, progress=progress)
+    report.depth_seconds = time.perf_counter() - start
+    report.form = "nemotron-nas"
 
 
 def _plan_layers(model: nn.Module, adapter: Adapter, layers: nn.ModuleList, stream: Stream, pairs: list[Pair],
@@ -238,14 +270,17 @@ def _plan_layers(model: nn.Module, adapter: Adapter, layers: nn.ModuleList, stre
     return layer_budgets, residual
 
 
-def _resume(checkpoint: Checkpoint, layers: nn.ModuleList, stream: Stream, budget: Budget,
+def _resume(checkpoint: Checkpoint, adapter: Adapter, layers: nn.ModuleList, stream: Stream, budget: Budget,
             report: PruneReport) -> tuple[int, list[Budget], str | None]:
     """Load a checkpoint into the layers, the stream and the report: where to go on, each layer's budget,
     and how layers advance the stream (the decisions of the interrupted run, not taken again)."""
     state = checkpoint.load(layers, stream.hidden)
     saved = state["report"]
-    for name in ("n_remove", "removed_fraction", "splits", "width_errors"):
-        setattr(report, name, saved[name])
+    for name in ("n_remove", "removed_fraction", "splits", "width_errors", "attention_removed", "depth_search",
+                 "depth_seconds", "form"):
+        setattr(report, name, saved.get(name, getattr(report, name)))
+    for i in report.attention_removed or []:
+        remove_attention(layers[i], adapter, i)
     report.layers = [{p: PairResult(**r) for p, r in layer.items()} for layer in saved["layers"]]
     layer_budgets = [dataclasses.replace(budget, n_remove=n) for n in state["layer_n_remove"]]
     log.info("resuming from %s: layers 0-%d are pruned already", checkpoint.directory, state["done"] - 1)
@@ -276,28 +311,34 @@ def prune_layer(layer: nn.Module, stream: Stream, pairs: list[Pair], budget: Bud
     With ``residual`` (``Adapter.ffn_residual_input``) and the FFN pair pruned, the FFN statistics pass
     keeps that module's input and the consumer's input of every sample, and the next inputs are their
     sum through the restored consumer: the same as rerunning the pruned layer, for one matrix product.
+    Without ``recipe.sequential`` the statistics of every pair and the stream's next inputs are the
+    dense layer's (2SSP's first stage, which scores all layers on the dense model).
     """
     results: dict[str, PairSolution] = {}
     work = stream.on_device(layer)
+    dense = None if recipe.sequential else work
     stash: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     for pair in pairs:
         n_remove = budget.n_remove[pair.name]
         if n_remove == 0:
             continue
-        stash = [] if residual and pair.name == "ffn" else None
-        moments = stream.consumer_stats(work, pair.consumer, residual=residual, stash=stash)
-        if not all(torch.isfinite(f).all() for f in moments.folds):
+        stash = [] if residual and pair.name == "ffn" and recipe.sequential else None
+        moments = stream.consumer_stats(work, pair.consumer, residual=residual, stash=stash,
+                                        gram=recipe.restore or recipe.selection != "norm")
+        if not all(torch.isfinite(f).all() for f in [*moments.folds, moments.column_norms]):
             raise FaspxError(
                 f"layer {index} produced NaN/Inf activations at the input of {pair.consumer}; try --dtype float32"
             )
-        weight = layer.get_submodule(pair.consumer).weight.data.to(device=moments.folds[0].device,
+        weight = layer.get_submodule(pair.consumer).weight.data.to(device=moments.column_norms.device,
                                                                   dtype=torch.float64)
         results[pair.name] = solve_pair(weight, moments.folds, pair.col_unit, n_remove, recipe,
-                                        where=f"layer {index} {pair.name}")
+                                        where=f"layer {index} {pair.name}", column_norms=moments.column_norms)
         write_pair(layer, pair, results[pair.name])
-        if stash is None:
+        if stash is None and recipe.sequential:
             work = stream.on_device(layer)
-    if stash is not None:
+    if dense is not None:  # 2SSP as published: every layer's statistics come from the dense model
+        stream.advance(dense)
+    elif stash is not None:
         ffn = next(p for p in pairs if p.name == "ffn")
         stream.advance_stashed(layer.get_submodule(ffn.consumer), results["ffn"].keep_cols.cpu(), stash)
     else:
@@ -356,7 +397,8 @@ def width_errors(layer: nn.Module, stream: Stream, ffn: Pair, removals: list[int
             errors.append(0.0)
             continue
         solutions[n_remove] = solve_pair(weight, moments.folds, ffn.col_unit, n_remove, recipe,
-                                         where=f"width search, {n_remove} FFN channels")
+                                         where=f"width search, {n_remove} FFN channels",
+                                         column_norms=moments.column_norms)
         new = solutions[n_remove].full_weight(weight.shape[1])
         errors.append(reconstruction_error(weight, new, moments.stream_gram))
     stream.advance(work)

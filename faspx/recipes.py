@@ -18,8 +18,8 @@ from pathlib import Path
 
 from faspx.errors import UsageError
 
-STRUCTURES = ("fasp", "mlp", "auto")
-SELECTIONS = ("wanda", "obs")
+STRUCTURES = ("fasp", "mlp", "auto", "2ssp")
+SELECTIONS = ("wanda", "obs", "norm")
 FFN_WIDTHS = ("uniform", "per-layer")
 # Tokens per distillation step: each window is cut into pieces this long, so the same tokens give more
 # updates (docs/accuracy.md: 512 beat one step per 2048-token window and 256).
@@ -31,8 +31,12 @@ class Recipe:
     """How a model is pruned: structure, selection, restoration, FFN widths and distillation.
 
     ``structure``: ``fasp`` (FFN and V/O pairs at one ratio, the paper), ``mlp`` (the whole budget in
-    the FFN) or ``auto`` (the split that moves the last layer's output least, measured).
-    ``selection``: ``wanda`` (the paper's structured score) or ``obs`` (restoration-aware).
+    the FFN), ``auto`` (the split that moves the last layer's output least, measured) or ``2ssp``
+    (2SSP: whole attention submodules, as many as its balance ``alpha`` gives, and the rest from every
+    FFN; the attention to remove is searched by perplexity on ``depth_samples`` calibration samples).
+    ``selection``: ``wanda`` (the paper's structured score), ``obs`` (restoration-aware) or ``norm``
+    (2SSP's: mean L2 norm of the FFN's intermediate activation). ``sequential``: statistics are taken
+    with the layers before already pruned (FASP) or from the dense model (2SSP as published).
     ``restore``/``damp``/``guard``: the least-squares restoration, its relative damping (or ``auto``,
     chosen per matrix on held-out calibration samples), and whether a restoration that raises a
     layer's error is refused. ``ffn_widths``: ``uniform`` (stock) or ``per-layer`` (nemotron-nas form).
@@ -57,6 +61,9 @@ class Recipe:
     distill: int = 16
     distill_lr: float = 1e-4
     distill_step_tokens: int = STEP_TOKENS
+    sequential: bool = True
+    depth_samples: int = 1
+    alpha: float = 1.5
 
     def __post_init__(self) -> None:
         def one_of(field: str, choices: tuple[str, ...]) -> None:
@@ -75,7 +82,7 @@ class Recipe:
             object.__setattr__(self, "damp", damp)
         if damp != "auto" and (isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0):
             raise UsageError(f"damp must be a number >= 0 or 'auto' (got {damp!r})")
-        for field in ("restore", "guard"):
+        for field in ("restore", "guard", "sequential"):
             if not isinstance(getattr(self, field), bool):
                 raise UsageError(f"{field} must be true or false (got {getattr(self, field)!r})")
         if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
@@ -85,11 +92,16 @@ class Recipe:
         if isinstance(self.distill_step_tokens, bool) or not isinstance(self.distill_step_tokens, int) \
                 or self.distill_step_tokens < 1:
             raise UsageError(f"distill_step_tokens must be at least 1 (got {self.distill_step_tokens!r})")
+        if isinstance(self.depth_samples, bool) or not isinstance(self.depth_samples, int) or self.depth_samples < 1:
+            raise UsageError(f"depth_samples must be a whole number of calibration samples >= 1 "
+                             f"(got {self.depth_samples!r})")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise UsageError(f"alpha must be a number > 0 (got {self.alpha!r})")
 
     @property
     def stock(self) -> bool:
-        """Whether the output loads in stock transformers classes (one FFN width for every layer)."""
-        return self.ffn_widths == "uniform"
+        """Whether the output loads in stock transformers classes (one FFN width, every attention kept)."""
+        return self.ffn_widths == "uniform" and self.structure != "2ssp"
 
     def with_overrides(self, **overrides) -> Recipe:
         """This recipe with some fields replaced (None values are ignored), named after what changed.
@@ -135,6 +147,9 @@ PRESETS: dict[str, Recipe] = {
     "fast": Recipe("fast", structure="mlp", selection="wanda", damp=0.01, distill=0),
     "quality": Recipe("quality"),
     "max": Recipe("max", ffn_widths="per-layer"),
+    "2ssp": Recipe("2ssp", structure="2ssp", selection="norm", restore=False, damp=0.01, sequential=False,
+                   distill=0),
+    "2ssp-quality": Recipe("2ssp-quality", structure="2ssp", depth_samples=4),
 }
 DESCRIPTIONS = {
     "paper": "FASP as published (V/O + FFN pairs, Wanda score, damping 0.01) with faspx's guard",
@@ -142,6 +157,10 @@ DESCRIPTIONS = {
     "fast": "whole budget in the FFN, Wanda score, one restoration per matrix",
     "quality": "FFN only, structured OBS, damping by measurement, 16 windows of distillation",
     "max": "quality with per-layer FFN widths: nemotron-nas form (vLLM; transformers with trust_remote_code)",
+    "2ssp": "2SSP as published: FFN neurons by activation norm, whole attention submodules by perplexity "
+            "(nemotron-nas form)",
+    "2ssp-quality": "2SSP's structure with quality's FFN solve (OBS, restoration, damping by measurement) "
+                    "and distillation (nemotron-nas form)",
 }
 DEFAULT = "quality"
 
@@ -206,4 +225,6 @@ MEASURED: dict[str, dict[str, float]] = {
     "fast": {"ppl_0.2": 37.18, "time_x": 1.30},
     "quality": {"ppl_0.2": 32.87, "ppl_0.3": 42.14, "time_x": 2.26},
     "max": {},
+    "2ssp": {},
+    "2ssp-quality": {},
 }

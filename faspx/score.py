@@ -23,6 +23,20 @@ def score(weight: torch.Tensor, gram_diag: torch.Tensor, col_unit: torch.Tensor,
     return torch.zeros(n_units, dtype=col_score.dtype, device=col_score.device).index_add_(0, col_unit, col_score)
 
 
+def norm_score(column_norms: torch.Tensor, col_unit: torch.Tensor, n_units: int) -> torch.Tensor:
+    """2SSP's score of each unit: the mean over calibration samples of the L2 norm (over that sample's
+    tokens) of the consumer's input column, summed over the unit's columns; no weight enters it.
+
+    ``column_norms`` is that mean per consumer column (``faspx.stream.Moments.column_norms``).
+
+    Example:
+        >>> norm_score(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0, 1, 1]), 2).tolist()
+        [1.0, 2.5]
+    """
+    norms = column_norms.float()
+    return torch.zeros(n_units, dtype=norms.dtype, device=norms.device).index_add_(0, col_unit, norms)
+
+
 def select(unit_score: torch.Tensor, n_remove: int) -> torch.Tensor:
     """Sorted indices of the units to keep: all but the ``n_remove`` lowest-scoring ones.
 

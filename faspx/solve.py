@@ -16,7 +16,7 @@ import torch
 from faspx.errors import FaspxError
 from faspx.recipes import Recipe
 from faspx.restore import choose_damp, reconstruction_error, restore
-from faspx.score import kept_columns, score, select, select_obs
+from faspx.score import kept_columns, norm_score, score, select, select_obs
 
 log = logging.getLogger("faspx")
 
@@ -34,7 +34,7 @@ class PairSolution:
     keep: torch.Tensor
     keep_cols: torch.Tensor
     new_cols: torch.Tensor
-    err_removed: float
+    err_removed: float | None
     err_restored: float | None = None
     damp: float | None = None
     restored: bool = False
@@ -47,8 +47,9 @@ class PairSolution:
 
 
 def choose_keep(weight: torch.Tensor, gram: torch.Tensor, col_unit: torch.Tensor, n_remove: int,
-                recipe: Recipe) -> torch.Tensor:
-    """The units to keep: by the structured Wanda score, or by structured OBS (``recipe.selection``).
+                recipe: Recipe, column_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """The units to keep: by the structured Wanda score, structured OBS or 2SSP's activation norm
+    (``recipe.selection``; ``norm`` needs ``column_norms``, faspx.stream.Moments').
 
     Example:
         >>> from faspx.recipes import PRESETS
@@ -57,21 +58,28 @@ def choose_keep(weight: torch.Tensor, gram: torch.Tensor, col_unit: torch.Tensor
         [0, 2]
     """
     col_unit = col_unit.to(gram.device)
+    n_units = int(col_unit.max()) + 1
+    if recipe.selection == "norm":
+        if column_norms is None:
+            raise ValueError("selection 'norm' needs the inputs' column norms")
+        return select(norm_score(column_norms.to(gram.device), col_unit, n_units), n_remove)
     if recipe.selection == "obs":
         return select_obs(weight, gram, col_unit, n_remove,
                           damp=max(recipe.damp if recipe.damp != "auto" else 0.0, MIN_RETRY_DAMP))
-    return select(score(weight, gram.diagonal(), col_unit, int(col_unit.max()) + 1), n_remove)
+    return select(score(weight, gram.diagonal(), col_unit, n_units), n_remove)
 
 
 def solve_pair(weight: torch.Tensor, folds: list[torch.Tensor], col_unit: torch.Tensor, n_remove: int,
-               recipe: Recipe, where: str = "pair") -> PairSolution:
+               recipe: Recipe, where: str = "pair", column_norms: torch.Tensor | None = None) -> PairSolution:
     """Prune ``n_remove`` units of a pair whose consumer is ``weight`` (m x n, float64) and whose inputs'
     Gram is ``folds[0] + folds[1]`` (even and odd calibration samples, n x n float64).
 
     ``col_unit[c]`` is the unit that consumer column c belongs to. With ``recipe.damp == "auto"`` the
     damping is the candidate whose restoration fitted on one fold reproduces the other best; a damping
     whose system is not positive definite is retried at 10x, 100x, ... A restoration that raises the
-    error is refused when ``recipe.guard`` (plain removal is kept). ``where`` names the pair in messages.
+    error is refused when ``recipe.guard`` (plain removal is kept). ``where`` names the pair in messages;
+    ``column_norms`` are what selection ``norm`` ranks (see ``choose_keep``); with that selection and no
+    restoration ``folds`` may be empty (no Gram gathered: the errors are then None).
 
     Example:
         >>> from faspx.recipes import PRESETS
@@ -81,8 +89,14 @@ def solve_pair(weight: torch.Tensor, folds: list[torch.Tensor], col_unit: torch.
         >>> s.new_cols.shape, s.err_restored <= s.err_removed
         (torch.Size([3, 3]), True)
     """
+    if not folds:
+        if recipe.restore or recipe.selection != "norm" or column_norms is None:
+            raise ValueError("only selection 'norm' without restoration works without the Gram matrices")
+        keep = select(norm_score(column_norms, col_unit.to(column_norms.device), int(col_unit.max()) + 1), n_remove)
+        keep_cols = kept_columns(keep, col_unit.to(keep.device))
+        return PairSolution(keep, keep_cols, weight[:, keep_cols.to(weight.device)], err_removed=None)
     gram = folds[0] + folds[1]
-    keep = choose_keep(weight, gram, col_unit, n_remove, recipe)
+    keep = choose_keep(weight, gram, col_unit, n_remove, recipe, column_norms)
     keep_cols = kept_columns(keep, col_unit.to(gram.device))
     total = float(((weight @ gram) * weight).sum()) or 1.0
 

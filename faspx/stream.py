@@ -27,10 +27,13 @@ class _Stop(Exception):
 @dataclass
 class Moments:
     """Gram matrices at a consumer's input, float64: one per fold (even, odd samples); with
-    ``stream_weighted`` also sum_t x_t x_t^T / ||h_t||^2 (h_t: the layer's input at token t)."""
+    ``stream_weighted`` also sum_t x_t x_t^T / ||h_t||^2 (h_t: the layer's input at token t).
+    ``column_norms``: each input column's L2 norm over one sample's tokens, averaged over samples
+    (2SSP's neuron score)."""
 
     folds: list[torch.Tensor]
     stream_gram: torch.Tensor | None = None
+    column_norms: torch.Tensor | None = None
 
     @property
     def gram(self) -> torch.Tensor:
@@ -111,8 +114,9 @@ class Stream:
     @torch.no_grad()
     def consumer_stats(self, work: nn.Module, consumer: str, *, residual: str | None = None,
                        stash: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                       stream_weighted: bool = False) -> Moments:
-        """The Moments at the input of ``work``'s module ``consumer`` over every sample.
+                       stream_weighted: bool = False, gram: bool = True) -> Moments:
+        """The Moments at the input of ``work``'s module ``consumer`` over every sample; without ``gram``
+        only the column norms (no folds: what 2SSP's selection without restoration needs).
 
         With ``stash`` (a list; ``residual`` must name a module that runs before the consumer), the
         inputs of both are appended to it per sample, kept where that sample's hidden state is.
@@ -123,7 +127,8 @@ class Stream:
         def zeros():
             return torch.zeros(n, n, dtype=torch.float64, device=module.weight.device)
 
-        moments = Moments([zeros(), zeros()], zeros() if stream_weighted else None)
+        moments = Moments([zeros(), zeros()] if gram else [], zeros() if stream_weighted else None,
+                          torch.zeros(n, dtype=torch.float64, device=module.weight.device))
         for j, x in enumerate(self.hidden):
             if stash is not None:
                 res, x_in = module_inputs(work, (residual, consumer), x, self.layer_kwargs)
@@ -131,11 +136,14 @@ class Stream:
             else:
                 (x_in,) = module_inputs(work, (consumer,), x, self.layer_kwargs)
             x_in = x_in.reshape(-1, n).float()
-            with exact_bf16_products(module):
-                add_gram(moments.folds[j % 2], x_in)
+            if gram:
+                with exact_bf16_products(module):
+                    add_gram(moments.folds[j % 2], x_in)
+            moments.column_norms.add_(x_in.double().pow(2).sum(dim=0).sqrt().to(moments.column_norms.device))
             if stream_weighted:
                 energy = x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=1).clamp_min(1e-12)
                 moments.stream_gram.add_((x_in / energy[:, None].to(x_in.device)).T @ x_in)
+        moments.column_norms /= max(1, len(self.hidden))
         return moments
 
     @torch.no_grad()

@@ -2,16 +2,17 @@
 
 The total number of FFN channels removed stays what the uniform plan removes; it is shared between
 layers so that the sum of the layers' measured errors is least (``allocate``, an exact dynamic
-programme). Widths are multiples of ``WIDTH_STEP`` because the nemotron-nas (DeciLM) config that vLLM
-serves gives each layer's width as ``ffn_mult``, and its loaders turn that back into a width rounded
-up to a multiple of 256. Pure functions; faspx.prune measures the errors.
+programme). Widths are multiples of ``WIDTH_STEP``: the nemotron-nas config was first written with
+``ffn_mult``, which its loaders round up to 256; it now gives the exact ``intermediate_size`` (vLLM reads
+it as is), so finer steps are possible but not yet measured (docs/accuracy.md). Pure functions;
+faspx.prune measures the errors.
 """
 
 from __future__ import annotations
 
 import torch
 
-# DeciLM's loaders (vLLM's nemotron_nas.py and the hub's modeling code) round widths up to this.
+# The per-layer width search's step (the granularity of ffn_mult, which DeciLM's loaders round up to 256).
 WIDTH_STEP = 256
 
 
@@ -80,35 +81,19 @@ def allocate(errors: torch.Tensor, removals: list[int], total: int) -> list[int]
     return picks[::-1]
 
 
-def ffn_mult(width: int, hidden_size: int) -> float:
-    """The DeciLM ``ffn_mult`` that its loaders turn back into ``width`` (a multiple of WIDTH_STEP).
+def block_configs(widths: list[int], heads_per_kv_group: int, attention: list[bool] | None = None) -> list[dict]:
+    """nemotron-nas ``block_configs``: each layer's attention (its GQA group size, or ``no_op`` where
+    ``attention[i]`` is False) and its exact FFN width (``intermediate_size``, which vLLM reads as is).
 
     Example:
-        >>> ffn_mult(1536, 576)
-        4.0
-        >>> width_from_mult(ffn_mult(768, 576), 576)
-        768
+        >>> block = block_configs([1536, 700], 3, [True, False])[1]
+        >>> block["attention"]["no_op"], block["ffn"]["intermediate_size"]
+        (True, 700)
     """
-    if width % WIDTH_STEP or width <= 0:
-        raise ValueError(f"width {width} is not a positive multiple of {WIDTH_STEP}")
-    return 3 * width / (2 * hidden_size)
-
-
-def width_from_mult(mult: float, hidden_size: int) -> int:
-    """The FFN width DeciLM's loaders derive from ``ffn_mult``: int(2/3 mult hidden) rounded up to 256."""
-    width = int(2 * mult * hidden_size / 3)
-    return -(-width // WIDTH_STEP) * WIDTH_STEP
-
-
-def block_configs(widths: list[int], hidden_size: int, heads_per_kv_group: int) -> list[dict]:
-    """nemotron-nas ``block_configs``: full attention (its GQA group size) and each layer's FFN width.
-
-    Example:
-        >>> block_configs([1536, 768], 576, 3)[1]["ffn"]
-        {'no_op': False, 'replace_with_linear': False, 'ffn_mult': 2.0}
-    """
+    attention = attention or [True] * len(widths)
     return [
-        {"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads_per_kv_group},
-         "ffn": {"no_op": False, "replace_with_linear": False, "ffn_mult": ffn_mult(w, hidden_size)}}
-        for w in widths
+        {"attention": ({"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads_per_kv_group}
+                       if has_attention else {"no_op": True, "replace_with_linear": False}),
+         "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": w}}
+        for w, has_attention in zip(widths, attention, strict=True)
     ]

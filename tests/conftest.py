@@ -36,6 +36,13 @@ TINY_CONFIGS = {
     "llama32-wide": lambda: LlamaConfig(hidden_size=128, intermediate_size=1024, num_hidden_layers=3,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                         vocab_size=VOCAB, max_position_embeddings=256),
+    # Deep enough for 2SSP's attention removal (FFN 3x the attention's parameters, as in SmolLM2).
+    "llama-deep": lambda: LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=8,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      vocab_size=VOCAB, max_position_embeddings=128),
+    "llama32-deep": lambda: LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                        vocab_size=VOCAB, max_position_embeddings=256),
     "qwen2": lambda: Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                  max_position_embeddings=128),

@@ -99,10 +99,11 @@ def test_per_layer_widths_bad_input(model_dir, text_file, tmp_path, extra, messa
     assert not (tmp_path / "o").exists()
 
 
-def test_build_per_layer_widths_needs_target_hf(model_dir, text_file, tmp_path):
-    args = ["build", *prune_args(model_dir, text_file, tmp_path / "o", "--ffn-widths", "per-layer")[1:]]
-    code, output = run(*args)  # the default target is all: ONNX too
-    assert code == 2 and "--target hf" in output and not (tmp_path / "o").exists()
+@pytest.mark.parametrize("extra", [("--ffn-widths", "per-layer"), ("--recipe", "2ssp")])
+def test_build_of_a_nemotron_nas_recipe_refuses_bench(model_dir, text_file, tmp_path, extra):
+    args = ["build", *prune_args(model_dir, text_file, tmp_path / "o", *extra)[1:], "--bench"]
+    code, output = run(*args)
+    assert code == 2 and "without --bench" in output and not (tmp_path / "o").exists(), output
 
 
 @torch.no_grad()

@@ -182,7 +182,6 @@ def test_non_stock_class_is_refused(tmp_path):
 
 @torch.no_grad()
 def test_per_layer_widths_export_in_the_nemotron_nas_form(tmp_path):
-    from faspx.exporters.decilm.modeling_decilm import ffn_width
 
     model = tiny_model("llama-wide")
     report = faspx.prune(model, calib(8, 32), 0.35, recipe("paper", structure="mlp", ffn_widths="per-layer"),
@@ -199,8 +198,8 @@ def test_per_layer_widths_export_in_the_nemotron_nas_form(tmp_path):
     assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     blocks = config["block_configs"]
-    # the widths as vLLM's nemotron_nas.py derives them from ffn_mult, and the GQA group size it reads
-    assert [ffn_width(b["ffn"]["ffn_mult"], config["hidden_size"]) for b in blocks] == widths
+    # the exact widths (vLLM's nemotron_nas.py reads intermediate_size as is), and the GQA group size it reads
+    assert [b["ffn"]["intermediate_size"] for b in blocks] == widths
     assert all(b["attention"]["n_heads_in_group"] == 2 and not b["attention"]["no_op"] for b in blocks)
 
     with pytest.raises(ValueError, match="trust_remote_code"):

@@ -12,7 +12,7 @@ def test_every_preset_is_valid_and_named_after_itself():
     assert set(PRESETS) >= {"paper", "wanda", "fast", "quality", "max"} and DEFAULT == "quality"
     for name, recipe in PRESETS.items():
         assert recipe.name == name and Recipe(**recipe.to_dict()) == recipe
-    assert [name for name, r in PRESETS.items() if not r.stock] == ["max"]
+    assert [name for name, r in PRESETS.items() if not r.stock] == ["max", "2ssp", "2ssp-quality"]
 
 
 def test_paper_is_fasp_as_published_with_the_guard():

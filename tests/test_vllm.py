@@ -74,3 +74,22 @@ def test_vllm_serves_the_nemotron_nas_form(tmp_path, text_path):
     with VllmEngine(out, max_len=128, trust_remote_code=True) as engine:
         tokens, logprobs = engine.generate(PROMPTS, NEW_TOKENS)
     assert_same_greedy_path(out, tokens, logprobs, trust_remote_code=True)
+
+
+def test_vllm_serves_2ssp_layers_without_attention(tmp_path, text_path):
+    import json
+
+    out = pruned("llama32-deep", tmp_path, text_path, "--recipe", "2ssp", "--sparsity", "0.5")
+    info = json.loads((out / "fasp.json").read_text())
+    removed = info["prune"]["attention_removed"]
+    assert info["form"] == "nemotron-nas" and len(removed) == 2 and 0 not in removed
+    blocks = json.loads((out / "config.json").read_text())["block_configs"]
+    assert [i for i, b in enumerate(blocks) if b["attention"]["no_op"]] == sorted(removed)
+    # exact widths: vLLM reads ffn.intermediate_size as is (no 256-step rounding)
+    assert {b["ffn"]["intermediate_size"] for b in blocks} == {info["prune"]["layer_widths"][0]
+                                                              if info["prune"]["layer_widths"] else
+                                                              json.loads((out / "config.json").read_text())[
+                                                                  "intermediate_size"]}
+    with VllmEngine(out, max_len=128, trust_remote_code=True) as engine:
+        tokens, logprobs = engine.generate(PROMPTS, NEW_TOKENS)
+    assert_same_greedy_path(out, tokens, logprobs, trust_remote_code=True)

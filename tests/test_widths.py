@@ -5,8 +5,7 @@ import itertools
 import pytest
 import torch
 
-from faspx.exporters.decilm.modeling_decilm import ffn_width
-from faspx.widths import WIDTH_STEP, allocate, block_configs, candidate_removals, ffn_mult, width_from_mult
+from faspx.widths import WIDTH_STEP, allocate, block_configs, candidate_removals
 
 
 def test_candidate_removals_leave_positive_multiples_of_the_step():
@@ -55,22 +54,12 @@ def test_allocate_cuts_the_cheap_layer():
     assert allocate(errors, [0, 256, 512], 768) == [0, 2, 1]
 
 
-@pytest.mark.parametrize("hidden", [576, 960, 2048, 4096, 5120, 8192])
-def test_ffn_mult_gives_back_the_width_in_both_loaders(hidden):
-    for width in range(WIDTH_STEP, 65536 + 1, WIDTH_STEP):
-        mult = ffn_mult(width, hidden)
-        # vLLM's nemotron_nas formula (faspx.widths) and the code file shipped with the checkpoint
-        assert width_from_mult(mult, hidden) == width == ffn_width(mult, hidden)
-
-
-def test_ffn_mult_refuses_widths_the_loaders_cannot_express():
-    with pytest.raises(ValueError, match="multiple of 256"):
-        ffn_mult(1000, 576)
-
-
-def test_block_configs_have_full_attention_and_the_widths():
-    blocks = block_configs([1536, 768, 1024], 576, 3)
+def test_block_configs_have_the_attention_and_the_exact_widths():
+    blocks = block_configs([1536, 768, 1000], 3, [True, False, True])
     assert len(blocks) == 3
-    assert all(b["attention"] == {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 3}
-               for b in blocks)
-    assert [width_from_mult(b["ffn"]["ffn_mult"], 576) for b in blocks] == [1536, 768, 1024]
+    assert [b["attention"] for b in blocks] == [
+        {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 3},
+        {"no_op": True, "replace_with_linear": False},
+        {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 3}]
+    assert [b["ffn"]["intermediate_size"] for b in blocks] == [1536, 768, 1000]
+    assert all("ffn_mult" not in b["ffn"] for b in blocks)  # vLLM reads intermediate_size only without it

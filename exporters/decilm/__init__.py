@@ -1,8 +1,8 @@
-"""The two code files a ``--ffn-widths per-layer`` checkpoint carries (nemotron-nas / DeciLM form).
+"""The two code files a nemotron-nas (DeciLM form) checkpoint carries: per-layer FFN widths, removed attention.
 
 vLLM serves such a checkpoint with its own ``DeciLMForCausalLM`` but reads the config through
 ``trust_remote_code``; transformers loads it through these files with ``trust_remote_code=True``.
-Stock ``LlamaForCausalLM`` cannot load it (its layers have different FFN widths).
+Stock ``LlamaForCausalLM`` cannot load it (different FFN widths, or layers without attention).
 """
 
 from pathlib import Path

@@ -1,10 +1,10 @@
-"""nemotron-nas (DeciLM) config of a faspx checkpoint whose decoder layers have different FFN widths.
+"""nemotron-nas (DeciLM) config of a faspx checkpoint: per-layer FFN widths, layers without attention.
 
-Written by faspx (``--ffn-widths per-layer``). ``block_configs`` has one entry per layer:
+Written by faspx (``--ffn-widths per-layer``, ``--recipe 2ssp``). ``block_configs`` has one entry per layer:
 ``{"attention": {"no_op", "replace_with_linear", "n_heads_in_group"}, "ffn": {"no_op",
-"replace_with_linear", "ffn_mult"}}``; the width of layer i is int(2/3 * ffn_mult * hidden_size)
-rounded up to a multiple of 256, as vLLM's nemotron_nas model computes it. The entries are read as
-attributes (``block.ffn.ffn_mult``), which is how vLLM reads them.
+"replace_with_linear", "intermediate_size"}}``: the exact FFN width, which vLLM's nemotron_nas model
+reads when there is no ``ffn_mult`` (older faspx outputs wrote ``ffn_mult``, a width rounded up to a
+multiple of 256). The entries are read as attributes (``block.ffn.intermediate_size``), as vLLM reads them.
 """
 
 from types import SimpleNamespace
