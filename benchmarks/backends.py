@@ -67,13 +67,13 @@ class TorchRunner:
     """
 
     def __init__(self, model_dir: Path, device: torch.device):
-        from transformers import AutoModelForCausalLM
+        from faspx.models import load_hf
 
         self.device = str(device)
         self._device = device
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.dtype = str(dtype).removeprefix("torch.")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.model = load_hf(model_dir, dtype=dtype).to(device)
         self.kv_bytes_per_value = dtype.itemsize
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._cache_keyword = cache_keyword(self.model)
@@ -179,17 +179,16 @@ class VllmRunner:
     the KV pool it reserved)."""
 
     def __init__(self, model_dir: Path, device: torch.device, max_len: int):
-        from transformers import AutoConfig
-
         from faspx.benchmarks.memory import kv_cache_bytes
         from faspx.benchmarks.vllm_client import VllmEngine
-        from faspx.models import meta_model
+        from faspx.models import hf_config, meta_model
 
         self.dtype = "bfloat16" if device.type == "cuda" else "float32"
         self.kv_bytes_per_value = 2 if self.dtype == "bfloat16" else 4
-        self.engine = VllmEngine(model_dir, max_len=max_len, dtype=self.dtype, device=str(device))
+        config = hf_config(model_dir)  # a nemotron-nas config: faspx's code files checked before vLLM runs them
+        self.engine = VllmEngine(model_dir, max_len=max_len, dtype=self.dtype, device=str(device),
+                                 trust_remote_code=config.model_type == "nemotron-nas")
         self.device = f"{self.engine.device} (vLLM {self.engine.info.get('vllm', '?')})"
-        config = AutoConfig.from_pretrained(model_dir)
         self.weight_bytes = sum(p.numel() for p in meta_model(config).parameters()) * self.kv_bytes_per_value
         self.kv_pool_bytes = kv_cache_bytes(config, 1, self.engine.info["kv_cache_tokens"], self.kv_bytes_per_value)
 

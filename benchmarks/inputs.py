@@ -68,12 +68,21 @@ def check_pair(dirs: dict, configs: dict) -> list[str]:
     from faspx.adapters import adapter_for
 
     for name, config in configs.items():
+        if config.model_type == "nemotron-nas":  # faspx's form of a pruned LLaMA-family model
+            continue
         try:
             adapter_for(config)
         except UsageError as err:
             raise UsageError(f"--{name} {dirs[name]['root']}: {err}") from None
+    fields = SHAPE_FIELDS
+    if configs["pruned"].model_type == "nemotron-nas" and configs["dense"].model_type != "nemotron-nas":
+        dense_type = configs["dense"].model_type
+        if dense_type not in adapter_for(configs["dense"]).per_layer_types:
+            raise UsageError(f"--pruned {dirs['pruned']['root']} is a nemotron-nas checkpoint, a LLaMA-family form; "
+                             f"--dense {dirs['dense']['root']} is {dense_type}: not the model it came from")
+        fields = tuple(f for f in SHAPE_FIELDS if f != "model_type")
     differ = [f"{f} {getattr(configs['dense'], f, None)} vs {getattr(configs['pruned'], f, None)}"
-              for f in SHAPE_FIELDS if getattr(configs["dense"], f, None) != getattr(configs["pruned"], f, None)]
+              for f in fields if getattr(configs["dense"], f, None) != getattr(configs["pruned"], f, None)]
     info = FaspInfo.of_dir(dirs["pruned"]["root"]) or FaspInfo.of_dir(dirs["pruned"]["hf"])
     named = info is not None and any(_same_place(info.source_model, dirs["dense"][k]) for k in ("root", "hf"))
     if differ:
@@ -114,9 +123,10 @@ def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, d
     """An ONNX export of ``hf_dir`` with ``settings``, validated against PyTorch, cached under ``cache``
     by path, modification times and settings. Returns its directory and what was done."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from faspx.exporters.onnx import export_onnx, validate_onnx
+    from faspx.models import load_hf
     from faspx.outputs import atomic_dir
 
     stamp = [str(hf_dir.resolve())] + [f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
@@ -127,7 +137,7 @@ def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, d
     if (target / "model.onnx").exists() and (target / "bench-export.json").exists():
         return target, {**json.loads((target / "bench-export.json").read_text()), "cached": True}
     log.info("exporting %s to ONNX for the onnxruntime backend (%s, cached in %s)", hf_dir, settings, target)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = load_hf(hf_dir, dtype=torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     except Exception:  # noqa: BLE001 - a model directory without tokenizer files still exports

@@ -15,6 +15,7 @@ FIGURE_LABELS = {
 MEMORY_LABELS = {
     "weight_bytes": "weights held",
     "kv_cache_bytes": "KV cache at the measured length",
+    "kv_bytes_per_token": "KV cache per token",
     "rss_load_delta_bytes": "RSS added by loading",
     "rss_load_run_peak_bytes": "RSS peak of load + first run",
     "rss_run_peak_delta_bytes": "RSS peak of a run above its start",
@@ -63,17 +64,20 @@ def markdown(report: dict) -> str:
     """Tables of medians [min, max] and pruned/dense ratios of medians, per backend and batch; memory;
     size on disk; the roofline beside the measured decode ratio; skipped backends; notes; perplexity."""
     s, roof = report["settings"], report["roofline"]
+    lengths = " and ".join(str(n) for n in s.get("prompt_lens") or [s["prompt_len"]])
     lines = ["# faspx benchmark: dense vs pruned", "", *_environment_lines(report["environment"])]
-    lines += [f"Dense `{s['dense']}`, pruned `{s['pruned']}`. Random prompts of {s['prompt_len']} tokens, "
+    lines += [f"Dense `{s['dense']}`, pruned `{s['pruned']}`. Random prompts of {lengths} tokens, "
               f"{s['new_tokens']} new tokens (greedy, KV cache). Each variant runs once untimed right after loading; "
-              f"then per batch size {s['warmup']} warm-up and {s['repeats']} timed runs per variant, dense and pruned "
+              f"then per prompt length and batch size {s['warmup']} warm-up and {s['repeats']} timed runs per "
+              "variant, dense and pruned "
               "interleaved (A B A B ...), so both see the same machine drift. "
               "Cells: median [min, max] over the repeats (per-token latency: over every decode step). Ratios are "
               "pruned/dense of the medians: above 1 is a gain for tokens/s, below 1 is a gain for latencies and "
               "memory.", ""]
     for entry in report["results"]:
         d, p = entry["variants"]["dense"], entry["variants"]["pruned"]
-        lines += [f"## {entry['backend']} on {entry['device']} ({entry['dtype']}), batch {entry['batch']}", "",
+        lines += [f"## {entry['backend']} on {entry['device']} ({entry['dtype']}), batch {entry['batch']}, "
+                  f"prompt {entry['prompt_len']}", "",
                   "| figure | dense | pruned | pruned/dense |", "|---|---|---|---|"]
         for key, (label, fmt) in FIGURE_LABELS.items():
             lines.append(f"| {label} | {_cell(d['figures'][key], fmt)} | {_cell(p['figures'][key], fmt)} | "
@@ -97,25 +101,37 @@ def markdown(report: dict) -> str:
             lines.append(f"| {kind} weight files on disk | {_mb(dn)} | {_mb(pn)} | {_ratio(pn, dn)} |")
     lines.append(f"| weight bytes read per decode step | {_mb(roof['dense_read_bytes'])} | "
                  f"{_mb(roof['pruned_read_bytes'])} | {_ratio(roof['pruned_read_bytes'], roof['dense_read_bytes'])} |")
+    if "kv_values_per_token" in dv:
+        lines.append(f"| layers with attention | {dv['attention_layers']} | {pv['attention_layers']} | "
+                     f"{_ratio(pv['attention_layers'], dv['attention_layers'])} |")
+        lines.append(f"| KV cache values per token | {dv['kv_values_per_token']:,} | {pv['kv_values_per_token']:,} | "
+                     f"{_ratio(pv['kv_values_per_token'], dv['kv_values_per_token'])} |")
     lines += ["", "Roofline: decode at batch 1 is bound by reading the weights (decoder layers + lm_head; the "
               "embedding tables give one row per token; zeroed-but-stored weights are read like the others), so the "
               f"ideal pruned/dense decode speedup is **{roof['ideal_decode_speedup']:.3f}x**. A prefill is bound by "
               "its FLOPs, nearly all in the decoder layers (the lm_head and attention scores are not pruned), so its "
               "speedup, and the end-to-end one, is at most the decoder layers' weight ratio, "
               f"**{roof.get('ideal_prefill_speedup', roof['ideal_decode_speedup']):.3f}x**.", "",
-              "| backend, batch 1 | measured decode speedup | ideal (roofline) |", "|---|---|---|"]
-    batch1 = [e for e in report["results"] if e["batch"] == 1]
-    for entry in batch1:
-        lines.append(f"| {entry['backend']} on {entry['device']} | {entry['ratios']['decode_tokens_per_s']:.3f}x | "
-                     f"{roof['ideal_decode_speedup']:.3f}x |")
-    if not batch1:
-        lines.append("| (no batch-1 run) | | |")
+              "With the KV cache a decode step also reads every sequence's keys and values: the last column adds "
+              "them at the cell's mean decode context (prompt + half the new tokens), in the backend's dtype. At a "
+              "long prompt that column moves towards the KV ratio, which width pruning leaves at 1 and attention "
+              "removal lowers.", "",
+              "| backend, batch, prompt | measured decode speedup | ideal (weights) | ideal (weights + KV) |",
+              "|---|---|---|---|"]
+    for entry in report["results"]:
+        with_kv = entry.get("ideal_decode_speedup_with_kv")
+        lines.append(f"| {entry['backend']} on {entry['device']}, b{entry['batch']}, p{entry['prompt_len']} | "
+                     f"{entry['ratios']['decode_tokens_per_s']:.3f}x | {roof['ideal_decode_speedup']:.3f}x | "
+                     f"{f'{with_kv:.3f}x' if with_kv else '-'} |")
+    if not report["results"]:
+        lines.append("| (no run) | | | |")
     lines += ["", f"Process peak RSS over the whole run: {_mb(report['process_peak_rss_bytes'])}. It is monotone and "
               "covers both variants (held together for interleaving), every backend and any ONNX export; compare "
               "variants with the per-variant rows above.", "", "## Memory figures", ""]
     lines += [f"- `{key}`: {text}" for key, text in report["memory_definitions"].items()]
     if report["skipped"]:
-        lines += ["", "## Skipped", ""] + [f"- {s['backend']}{' batch ' + str(s['batch']) if 'batch' in s else ''}: "
+        lines += ["", "## Skipped", ""] + [f"- {s['backend']}{' batch ' + str(s['batch']) if 'batch' in s else ''}"
+                                            f"{' prompt ' + str(s['prompt_len']) if 'prompt_len' in s else ''}: "
                                             f"{s['reason']}" for s in report["skipped"]]
     if report.get("noise"):
         lines += ["", "## Noise: rerun before quoting these", ""] + [f"- {n}" for n in report["noise"]]
@@ -158,7 +174,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     results = report["results"]
-    labels = [f"{e['backend']}\n{e['device']} b{e['batch']}" for e in results]
+    labels = [f"{e['backend']}\n{e['device']} b{e['batch']} p{e['prompt_len']}" for e in results]
     for ax, key, title in ((axes[0, 0], "decode_tokens_per_s", "decode tokens/s"),
                            (axes[0, 1], "prefill_tokens_per_s", "prefill tokens/s"),
                            (axes[1, 0], "end_to_end_tokens_per_s", "end-to-end tokens/s")):

@@ -31,6 +31,8 @@ MEMORY_DEFINITIONS = {
                     "for onnxruntime the bytes of model.onnx and its external data)",
     "kv_cache_bytes": "KV cache at the measured length, from the config: "
                       "layers x 2 x batch x kv_heads x (prompt_len + new_tokens - 1) x head_dim x bytes",
+    "kv_bytes_per_token": "KV cache bytes one token of one sequence takes (layers with attention x 2 x kv_heads x "
+                          "head_dim x bytes): a layer whose attention was removed (2SSP) holds none",
     "rss_load_delta_bytes": "process RSS added by loading this variant in this backend, before any run (weights "
                             "that are memory-mapped become resident only when a run first reads them)",
     "rss_load_run_peak_bytes": "peak process RSS while loading this variant and running one generation at the "
@@ -76,17 +78,42 @@ def roofline(configs: dict) -> dict:
             "ideal_prefill_speedup": layers["dense"] / layers["pruned"]}
 
 
+def decode_bound(configs: dict, batch: int, context: float, bytes_per_value: int) -> float:
+    """Ideal dense/pruned decode speedup when a step reads the weights once and the KV cache of every
+    sequence (``context`` tokens each): the roofline with the cache, which at a long context is where
+    removing attention (2SSP) pays. Weights and cache counted at ``bytes_per_value``.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> c = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                 vocab_size=64)
+        >>> decode_bound({"dense": c, "pruned": c}, 1, 100.0, 4)
+        1.0
+    """
+    from faspx.models import meta_model
+
+    read = {}
+    for name, config in configs.items():
+        values = memory.decode_read_bytes(meta_model(config).to(torch.float32)) / 4
+        read[name] = values * bytes_per_value + batch * context * memory.kv_bytes_per_token(config, bytes_per_value)
+    return read["dense"] / read["pruned"]
+
+
 def stored(config) -> dict:
     """Parameter count and weight bytes of a checkpoint (from its config, nothing loaded)."""
     from faspx.models import meta_model
 
     model = meta_model(config).to(_dtype(config))
     return {"params": sum(p.numel() for p in model.parameters()), "weight_bytes": memory.weight_bytes(model),
-            "dtype": str(_dtype(config)).removeprefix("torch.")}
+            "dtype": str(_dtype(config)).removeprefix("torch."),
+            "attention_layers": memory.attention_layer_count(config),
+            "kv_values_per_token": memory.kv_bytes_per_token(config, 1)}
 
 
-def _check(backends, batches, prompt_len: int, new_tokens: int, repeats: int, warmup: int, configs: dict) -> None:
-    if new_tokens < 2 or prompt_len < 1 or repeats < 1 or warmup < 0 or not batches or min(batches) < 1:
+def _check(backends, batches, prompt_lens: tuple[int, ...], new_tokens: int, repeats: int, warmup: int,
+           configs: dict) -> None:
+    if (new_tokens < 2 or not prompt_lens or min(prompt_lens) < 1 or repeats < 1 or warmup < 0 or not batches
+            or min(batches) < 1):
         raise UsageError("need --new-tokens >= 2, --prompt-len >= 1, --repeats >= 1, --warmup >= 0 and batch "
                          "sizes >= 1")
     for backend in backends:
@@ -94,36 +121,37 @@ def _check(backends, batches, prompt_len: int, new_tokens: int, repeats: int, wa
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     for name, config in configs.items():
         positions = getattr(config, "max_position_embeddings", None)
-        if positions and prompt_len + new_tokens > positions:
-            raise UsageError(f"--prompt-len + --new-tokens = {prompt_len + new_tokens} exceeds the {name} model's "
-                             f"{positions} positions")
+        if positions and max(prompt_lens) + new_tokens > positions:
+            raise UsageError(f"--prompt-len + --new-tokens = {max(prompt_lens) + new_tokens} exceeds the {name} "
+                             f"model's {positions} positions")
     if configs["dense"].vocab_size != configs["pruned"].vocab_size:
         raise UsageError(f"dense and pruned vocabularies differ ({configs['dense'].vocab_size} vs "
                          f"{configs['pruned'].vocab_size}): not the same model")
 
 
 def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] = ("torch", "onnxruntime"),
-              device: str = "auto", batches: tuple[int, ...] = (1, 8), prompt_len: int = 128,
+              device: str = "auto", batches: tuple[int, ...] = (1, 8), prompt_len: int | tuple[int, ...] = 128,
               new_tokens: int = 128, repeats: int = 5, warmup: int = 1, progress: bool = True, *,
               eval: bool = False, eval_datasets: tuple[str, ...] = ("wikitext2",),
               max_windows: int | None = None, seed: int = 0, out: str | Path | None = None, force: bool = False,
               clock: Callable[[], float] = time.perf_counter) -> dict:
     """Measure dense and pruned in one run (interleaved, A B A B ...) and return the report.
 
-    ``dense`` is an HF model directory; ``pruned`` a faspx build output (``hf/``, ``onnx/``) or an HF
-    directory. Prompts are ``batch`` x ``prompt_len`` random token ids (seed ``seed``), then
-    ``new_tokens`` greedy tokens with the KV cache. With ``eval`` both variants' perplexity on
-    ``eval_datasets`` (wikitext2, c4 or local files; first ``max_windows`` windows) is added. With
-    ``out`` the report files (report.json, report.md, report.png) are written there atomically.
+    ``dense`` is an HF model directory (or a faspx build output); ``pruned`` a faspx build output
+    (``hf/``, ``onnx/``; stock or nemotron-nas) or an HF directory. Prompts are ``batch`` x
+    ``prompt_len`` random token ids (seed ``seed``; several lengths, e.g. ``(128, 2048)``, give one
+    cell per length and batch: at a long prompt the KV cache, which attention removal shrinks, is
+    what decode reads beside the weights), then ``new_tokens`` greedy tokens with the KV cache. With
+    ``eval`` both variants' perplexity on ``eval_datasets`` (wikitext2, c4 or local files; first
+    ``max_windows`` windows) is added. With ``out`` the report files (report.json, report.md,
+    report.png) are written there atomically.
     Every raw sample is in the returned dict; ``clock`` is injectable for tests.
 
     Example:
         >>> report = run_bench("smollm2", "out/demo", backends=("torch",), batches=(1,))  # doctest: +SKIP
         >>> report["results"][0]["ratios"]["decode_tokens_per_s"]  # doctest: +SKIP
     """
-    from transformers import AutoConfig
-
-    from faspx.models import check_config_file, check_weight_files
+    from faspx.models import check_config_file, check_weight_files, hf_config
     from faspx.outputs import atomic_dir, check_out
     from faspx.pipeline import check_eval
     from faspx.prune import resolve_device
@@ -132,13 +160,14 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     if out is not None:
         check_out(out, force)
     backends, batches = tuple(backends), tuple(batches)
+    prompt_lens = (prompt_len,) if isinstance(prompt_len, int) else tuple(prompt_len)
     dev = resolve_device(device)
     dirs = variant_dirs(Path(dense), Path(pruned))
     for d in dirs.values():
         check_config_file(d["hf"] / "config.json")
         check_weight_files(d["hf"])
-    configs = {name: AutoConfig.from_pretrained(d["hf"]) for name, d in dirs.items()}
-    _check(backends, batches, prompt_len, new_tokens, repeats, warmup, configs)
+    configs = {name: hf_config(d["hf"]) for name, d in dirs.items()}
+    _check(backends, batches, prompt_lens, new_tokens, repeats, warmup, configs)
     pair_notes = check_pair(dirs, configs)
     if eval:
         for dataset in eval_datasets:
@@ -146,7 +175,7 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     report: dict = {
         "environment": environment(dev),
         "settings": {"dense": str(dense), "pruned": str(pruned), "backends": list(backends), "device": device,
-                     "batches": list(batches), "prompt_len": prompt_len, "new_tokens": new_tokens,
+                     "batches": list(batches), "prompt_lens": list(prompt_lens), "new_tokens": new_tokens,
                      "repeats": repeats, "warmup": warmup, "seed": seed, "eval": eval,
                      "eval_datasets": list(eval_datasets) if eval else [], "max_windows": max_windows},
         "roofline": roofline(configs), "results": [], "skipped": [], "notes": pair_notes,
@@ -157,7 +186,8 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
                         **stored(configs[name]), "disk_bytes": {"hf": memory.disk_bytes(d["hf"], weights_only=True)},
                         "dir_bytes": {"hf": memory.disk_bytes(d["hf"])}}
     peaks = memory.RssPeaks()
-    per_backend = (len(batches) * (warmup + repeats) + 1) * len(VARIANTS)
+    cells = [(length, batch) for length in prompt_lens for batch in batches]
+    per_backend = (len(cells) * (warmup + repeats) + 1) * len(VARIANTS)
     bar = tqdm(total=len(backends) * per_backend, desc="benchmark", unit="run", disable=not progress)
     for backend in backends:
         reason = unavailable(backend, dev)
@@ -165,12 +195,13 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
             reason = (f"{pruned} has no ONNX export (no onnx/model.onnx): run faspx build --target all, or faspx "
                       "export --target onnx")
         runners = None
-        prompts = {batch: np.random.default_rng(seed).integers(0, configs["dense"].vocab_size,
-                                                                size=(batch, prompt_len), dtype=np.int64)
-                   for batch in batches}
+        prompts = {cell: np.random.default_rng(seed).integers(0, configs["dense"].vocab_size,
+                                                               size=(cell[1], cell[0]), dtype=np.int64)
+                   for cell in cells}
         if reason is None:
             try:
-                runners, load = _load(backend, dirs, dev, prompts[batches[0]], new_tokens, report, peaks, clock, bar)
+                runners, load = _load(backend, dirs, dev, prompts[cells[0]], new_tokens, max(prompt_lens), report,
+                                      peaks, clock, bar)
             except Exception as err:
                 if backend == "torch":
                     raise
@@ -180,13 +211,14 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
             report["skipped"].append({"backend": backend, "reason": reason})
             bar.update(per_backend)
             continue
-        for batch in batches:
+        for length, batch in cells:
             try:
-                report["results"].append(_measure(backend, runners, load, prompts[batch], new_tokens, repeats,
+                report["results"].append(_measure(backend, runners, load, prompts[length, batch], new_tokens, repeats,
                                                   warmup, dev, configs, peaks, clock, bar))
             except torch.OutOfMemoryError:
-                report["skipped"].append({"backend": backend, "batch": batch,
-                                          "reason": f"out of GPU memory at batch {batch} (both variants loaded)"})
+                report["skipped"].append({"backend": backend, "batch": batch, "prompt_len": length,
+                                          "reason": f"out of GPU memory at batch {batch}, prompt {length} "
+                                                    "(both variants loaded)"})
                 torch.cuda.empty_cache()
         for runner in runners.values():  # free both variants before the next backend loads
             if hasattr(runner, "close"):
@@ -210,10 +242,11 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     return report
 
 
-def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_tokens: int, report: dict,
-          peaks: memory.RssPeaks, clock: Callable[[], float], bar):
-    """Both variants' runners for ``backend`` and the memory each added: loaded one after the other,
-    each followed by one untimed generation of ``ids`` (weights paged in, buffers allocated)."""
+def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_tokens: int, max_prompt: int,
+          report: dict, peaks: memory.RssPeaks, clock: Callable[[], float], bar):
+    """Both variants' runners for ``backend`` (sized for ``max_prompt`` + ``new_tokens``) and the memory
+    each added: loaded one after the other, each followed by one untimed generation of ``ids``
+    (weights paged in, buffers allocated)."""
     where: torch.device | str = dev
     if backend in ONNX_BACKENDS:
         where, note = ort_device(dev) if backend == "onnxruntime" else ("cpu", None)
@@ -239,7 +272,7 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
         rss = memory.rss_bytes()
         used = memory.cuda_used_bytes(dev) if dev.type == "cuda" else 0
         peaks.start()
-        runners[name] = load_runner(backend, source, where, ids.shape[1] + new_tokens)
+        runners[name] = load_runner(backend, source, where, max_prompt + new_tokens)
         load[name] = {"rss_load_delta_bytes": memory.rss_bytes() - rss}
         if dev.type == "cuda":
             load[name]["cuda_load_delta_bytes"] = memory.cuda_used_bytes(dev) - used
@@ -300,10 +333,13 @@ def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_token
         r = runners[name]
         m = {"weight_bytes": r.weight_bytes,
              "kv_cache_bytes": memory.kv_cache_bytes(configs[name], batch, kv_len, r.kv_bytes_per_value),
+             "kv_bytes_per_token": memory.kv_bytes_per_token(configs[name], r.kv_bytes_per_value),
              **load[name], **mem[name]}
         entry["variants"][name] = {"figures": figures(samples[name], batch, prompt_len, new_tokens), "memory": m,
                                    "samples": [s.to_dict() for s in samples[name]]}
     entry["ratios"] = ratios(entry["variants"]["dense"]["figures"], entry["variants"]["pruned"]["figures"])
+    entry["ideal_decode_speedup_with_kv"] = decode_bound(configs, batch, prompt_len + (new_tokens - 1) / 2,
+                                                         runners["dense"].kv_bytes_per_value)
     entry["process_peak_rss_bytes_so_far"] = peaks.overall()
     return entry
 
@@ -311,10 +347,11 @@ def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_token
 def perplexities(dirs: dict, datasets: tuple[str, ...], max_windows: int | None, device: torch.device,
                  progress: bool) -> list[dict]:
     """Dense and pruned perplexity on each dataset: same tokens, same windows, fp32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from faspx.data import eval_ids
     from faspx.eval import perplexity
+    from faspx.models import load_hf
 
     tokenizer = None
     for name in VARIANTS:  # pruning leaves the tokenizer alone: the dense one's, else the pruned one's
@@ -329,7 +366,7 @@ def perplexities(dirs: dict, datasets: tuple[str, ...], max_windows: int | None,
     rows = [{"dataset": dataset, "max_windows": max_windows, "tokens": int(ids[dataset].numel())}
             for dataset in datasets]
     for name in VARIANTS:
-        model = AutoModelForCausalLM.from_pretrained(dirs[name]["hf"], dtype=torch.float32).eval()
+        model = load_hf(dirs[name]["hf"], dtype=torch.float32)
         seqlen = min(2048, getattr(model.config, "max_position_embeddings", 2048))
         for row in rows:
             log.info("perplexity of the %s model on %s", name, row["dataset"])

@@ -151,6 +151,34 @@ def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int], attenti
                     "(its norm expects the residual that layer 0's attention would start)")
 
 
+def is_nas_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a nemotron-nas checkpoint (its config.json's ``model_type``)."""
+    config = Path(directory).expanduser() / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") == "nemotron-nas"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_nas_code(directory: str | Path) -> None:
+    """UsageError unless the directory's code files are byte for byte the ones faspx writes:
+    ``trust_remote_code`` runs them, and faspx runs no code it did not ship."""
+    path = Path(directory).expanduser()
+    foreign = [f.name for f in CODE_FILES if not (path / f.name).is_file() or
+               (path / f.name).read_bytes() != f.read_bytes()]
+    if foreign:
+        raise UsageError(f"{path} is marked nemotron-nas but its {', '.join(foreign)} are not the ones faspx writes; "
+                         "faspx will not run that code (load it yourself with trust_remote_code if you trust it)")
+
+
+def nas_config(directory: str | Path):
+    """The DeciLM config of a nemotron-nas checkpoint that faspx wrote (its code checked first)."""
+    from transformers import AutoConfig
+
+    check_nas_code(directory)
+    return AutoConfig.from_pretrained(Path(directory).expanduser(), trust_remote_code=True)
+
+
 def load_nas(directory: str | Path, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, object]:
     """Load a nemotron-nas checkpoint that faspx wrote (model, tokenizer), through its code files.
 
@@ -163,10 +191,6 @@ def load_nas(directory: str | Path, dtype: torch.dtype | str = "auto") -> tuple[
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(directory).expanduser()
-    foreign = [f.name for f in CODE_FILES if not (path / f.name).is_file() or
-               (path / f.name).read_bytes() != f.read_bytes()]
-    if foreign:
-        raise UsageError(f"{path} is marked nemotron-nas but its {', '.join(foreign)} are not the ones faspx writes; "
-                         "faspx will not run that code (load it yourself with trust_remote_code if you trust it)")
+    check_nas_code(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True).eval()
     return model, AutoTokenizer.from_pretrained(path)

@@ -594,7 +594,9 @@ def _csv(kind):
                    "make vllm); an unavailable one is reported as skipped.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=_csv(int), help="Batch sizes.")
-@click.option("--prompt-len", type=int, default=128, show_default=True, help="Prompt tokens.")
+@click.option("--prompt-len", "prompt_lens", default="128", show_default=True, callback=_csv(int),
+              help="Prompt tokens, comma-separated: e.g. 128,2048 adds a long context, where the KV cache (which "
+                   "attention removal shrinks) weighs.")
 @click.option("--new-tokens", type=int, default=128, show_default=True, help="Generated tokens (greedy).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per variant (interleaved).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per variant first.")
@@ -606,16 +608,16 @@ def _csv(kind):
               help="Report directory: report.json, report.md, report.png.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @verbosity
-def bench(dense: str, pruned: str, backends: tuple[str, ...], device: str, batches: tuple[int, ...], prompt_len: int,
-          new_tokens: int, repeats: int, warmup: int, with_eval: bool, eval_datasets: tuple[str, ...],
-          eval_windows: int | None, out: Path, force: bool, progress: bool) -> None:
+def bench(dense: str, pruned: str, backends: tuple[str, ...], device: str, batches: tuple[int, ...],
+          prompt_lens: tuple[int, ...], new_tokens: int, repeats: int, warmup: int, with_eval: bool,
+          eval_datasets: tuple[str, ...], eval_windows: int | None, out: Path, force: bool, progress: bool) -> None:
     """Tokens/s, latency and memory of dense vs pruned, interleaved, as JSON, Markdown and a plot."""
     from faspx.benchmarks.report import write_report
     from faspx.benchmarks.run import run_bench
     from faspx.outputs import atomic_dir, check_out
 
     check_out(out, force)  # before any work; the report is printed first, then written
-    report = run_bench(dense, pruned, backends=backends, device=device, batches=batches, prompt_len=prompt_len,
+    report = run_bench(dense, pruned, backends=backends, device=device, batches=batches, prompt_len=prompt_lens,
                        new_tokens=new_tokens, repeats=repeats, warmup=warmup, eval=with_eval,
                        eval_datasets=eval_datasets, max_windows=eval_windows, progress=progress)
     echo_bench(report, out)
@@ -627,11 +629,17 @@ def echo_bench(report: dict, out: Path) -> None:
     """The benchmark's key ratios and where its report is."""
     for entry in report["results"]:
         r = entry["ratios"]
-        click.echo(f"  {entry['backend']} batch {entry['batch']}: pruned/dense decode tokens/s "
+        click.echo(f"  {entry['backend']} batch {entry['batch']} prompt {entry['prompt_len']}: pruned/dense decode "
+                   "tokens/s "
                    f"{r['decode_tokens_per_s']:.3f}x, prefill {r['prefill_tokens_per_s']:.3f}x, "
                    f"end-to-end {r['end_to_end_tokens_per_s']:.3f}x")
     click.echo(f"  ideal batch-1 decode speedup (weights read per token): "
                f"{report['roofline']['ideal_decode_speedup']:.3f}x")
+    dense, pruned = report["dense"], report["pruned"]
+    if dense.get("kv_values_per_token") and pruned["kv_values_per_token"] != dense["kv_values_per_token"]:
+        ratio = pruned["kv_values_per_token"] / dense["kv_values_per_token"]
+        click.echo(f"  KV cache per token: pruned/dense {ratio:.3f}x "
+                   f"({pruned['attention_layers']} of {dense['attention_layers']} layers keep attention)")
     for row in report.get("perplexity") or []:
         click.echo(f"  perplexity ({row['dataset']}, {row['windows']} windows): dense {row['dense']:.3f}, "
                    f"pruned {row['pruned']:.3f}")

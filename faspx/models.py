@@ -66,8 +66,9 @@ def load_config(model: str):
     source, extra = resolve(model)
     if output_form(source) == "nemotron-nas":
         raise UsageError(
-            f"{model} is a per-layer-widths checkpoint (nemotron-nas form): `faspx eval` runs it, vLLM "
-            "serves it; it cannot be pruned, exported or benchmarked again"
+            f"{model} is a per-layer-widths or attention-removed checkpoint (nemotron-nas form): `faspx eval` runs "
+            "it, `faspx bench` measures it, vLLM serves it; it cannot be pruned or exported again (`faspx build "
+            "--target all` writes its ONNX graph)"
         )
     if Path(source).is_dir():
         check_config_file(Path(source) / "config.json")
@@ -124,11 +125,37 @@ def check_weight_files(directory: str | Path) -> None:
 
 
 def meta_model(config) -> nn.Module:
-    """The model's structure with no weights: enough to check a sparsity before loading anything."""
+    """The model's structure with no weights: enough to check a sparsity before loading anything.
+    A nemotron-nas config comes only from ``hf_config``, which checked its code files."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=config.model_type == "nemotron-nas")
+
+
+def hf_config(directory: str | Path):
+    """The transformers config of a local checkpoint: stock, or a faspx nemotron-nas one (code checked).
+
+    Example:
+        >>> hf_config("~/.cache/faspx/smollm2-135m").model_type  # doctest: +SKIP
+        'llama'
+    """
+    from transformers import AutoConfig
+
+    from faspx.exporters.hf import is_nas_dir, nas_config
+
+    return nas_config(directory) if is_nas_dir(directory) else AutoConfig.from_pretrained(directory)
+
+
+def load_hf(directory: str | Path, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """A local checkpoint's model in eval mode: stock, or a faspx nemotron-nas one (code checked)."""
+    from transformers import AutoModelForCausalLM
+
+    from faspx.exporters.hf import is_nas_dir, load_nas
+
+    if is_nas_dir(directory):
+        return load_nas(directory, dtype)[0]
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
 def output_form(source: str) -> str | None:

@@ -207,10 +207,8 @@ def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: Fa
     return results
 
 
-def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto",
-                 recipe: Recipe | None = None, bench: bool = False) -> None:
-    """The export checks that need no weights: the target, the validation bound, the opset, and that
-    a recipe whose output is not stock (nemotron-nas) is built without a benchmark."""
+def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto") -> None:
+    """The export checks that need no weights: the target, the validation bound, the opset."""
     from faspx.exporters.onnx import check_opset
 
     if target not in TARGETS:
@@ -219,10 +217,6 @@ def check_export(target: str, atol: float | None = None, opset: int = 18, export
         raise UsageError(f"--atol must be > 0 (got {atol})")
     if target != "hf":
         check_opset(opset, exporter)
-    if recipe is not None and not recipe.stock and bench:
-        raise UsageError(f"recipe {recipe.name} writes a nemotron-nas checkpoint (per-layer FFN widths or removed "
-                         "attention), not a stock one: build without --bench, then run `faspx bench` on OUT/onnx "
-                         "(the benchmark's PyTorch backend takes stock models)")
 
 
 def check_eval(dataset: str, windows: int | None, seqlen: int = 2048) -> None:
@@ -289,7 +283,7 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
         >>> built = build("~/.cache/faspx/smollm2-135m", 0.3, Path("out/x"), target="hf")  # doctest: +SKIP
     """
     recipe = get_recipe(recipe)
-    check_export(target, atol, recipe=recipe, bench=bench)
+    check_export(target, atol)
     if eval_dataset:
         check_eval(eval_dataset, eval_windows)
     if eval_tasks:

@@ -261,7 +261,7 @@ def test_report_writes_without_any_result(tmp_path):
               "memory_definitions": {}, "process_peak_rss_bytes": 1}
     paths = write_report(report, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths.values())
-    assert "(no batch-1 run)" in paths["md"].read_text()
+    assert "(no run)" in paths["md"].read_text()
 
 
 def test_bench_refuses_a_pair_that_is_not_a_model_and_its_pruning(tiny_dirs, tmp_path):
@@ -317,3 +317,33 @@ def test_prefill_ratios_are_bounded_by_the_layers_and_decode_by_the_bytes_read()
     assert len(flags) == 2 and "decode_tokens_per_s 1.330x is above the weight-bytes roofline" in flags[0]
     assert "prefill_tokens_per_s 1.500x is above the decoder-layer FLOPs bound 1.430x" in flags[1]
 
+
+
+def test_a_2ssp_checkpoint_is_benchmarked_with_its_smaller_kv_cache_at_each_prompt_length(tmp_path, opt_tokenizer):
+    from faspx.exporters.hf import export_hf
+    from faspx.outputs import FaspInfo
+    from tests.conftest import calib, tiny_model
+
+    dense = tiny_model("llama-deep", seed=1)
+    dense.save_pretrained(tmp_path / "dense")
+    pruned = tiny_model("llama-deep", seed=1)
+    report = faspx.prune(pruned, calib(8, 32), 0.5, "2ssp", progress=False, device="cpu")
+    export_hf(pruned, opt_tokenizer, tmp_path / "pruned", FaspInfo(source_model=str(tmp_path / "dense"),
+                                                                   form=report.form))
+    bench = run_bench(tmp_path / "dense", tmp_path / "pruned", backends=("torch",), device="cpu", batches=(1, 2),
+                      prompt_len=(4, 12), new_tokens=3, repeats=1, warmup=0, progress=False, out=tmp_path / "r")
+    kept = 8 - len(report.attention_removed)
+    assert [(e["prompt_len"], e["batch"]) for e in bench["results"]] == [(4, 1), (4, 2), (12, 1), (12, 2)]
+    assert bench["pruned"]["attention_layers"] == kept and bench["dense"]["attention_layers"] == 8
+    assert bench["pruned"]["kv_values_per_token"] * 8 == bench["dense"]["kv_values_per_token"] * kept
+    for entry in bench["results"]:
+        d, p = entry["variants"]["dense"]["memory"], entry["variants"]["pruned"]["memory"]
+        assert p["kv_bytes_per_token"] * 8 == d["kv_bytes_per_token"] * kept
+        assert p["kv_cache_bytes"] == p["kv_bytes_per_token"] * entry["batch"] * (entry["prompt_len"] + 2)
+        assert entry["ideal_decode_speedup_with_kv"] > 1
+    # the cache's share of a decode step grows with the context: so does the bound with it, towards 8/kept
+    bounds = [entry["ideal_decode_speedup_with_kv"] for entry in bench["results"]]
+    assert bounds[3] != bounds[0]
+    assert bench["notes"] == []  # fasp.json names the dense directory: the pair is known
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "batch 2, prompt 12" in md and "KV cache values per token" in md
