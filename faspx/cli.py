@@ -380,6 +380,31 @@ def _files_line(summary: dict) -> str:
     return f"{files}; total {_size(summary['bytes'])}"
 
 
+def quantize_options(command):
+    """--quantize and its settings, shared by export and build."""
+    for option in reversed([
+        click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+                     help="Also write OUT/onnx-int4 or OUT/onnx-int8: weight-only MatMulNBits (onnxruntime's "
+                          "quantizer; int4 quantizes the embedding table too), checked against OUT/onnx by "
+                          "perplexity and greedy agreement."),
+        click.option("--block-size", type=int, default=32, show_default=True,
+                     help="Quantization block (input channels per scale): a power of two, 16..256."),
+        click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+                     help="MatMulNBits compute type on the CPU: 4 = int8 activations (fast), 0 = as the inputs."),
+        click.option("--quantize-eval", default="wikitext2", show_default=True,
+                     help="Text of the quantized graph's check (wikitext2, c4 or a file): 8 windows."),
+    ]):
+        command = option(command)
+    return command
+
+
+def quantization_of(quantize: str | None, block_size: int, accuracy_level: int, quantize_eval: str):
+    """The pipeline's Quantization from the options."""
+    from faspx.pipeline import Quantization
+
+    return Quantization(quantize, block_size, accuracy_level, quantize_eval)
+
+
 @main.command("export")
 @click.option("--model", "model_name", required=True,
               help="Model directory (e.g. the output of faspx prune) or hub id.")
@@ -397,16 +422,20 @@ def _files_line(summary: dict) -> str:
 @click.option("--atol", type=float, default=None,
               help="Validation bound, relative: max |logits ONNX - PyTorch| must stay below atol x max |logit| "
                    "[default: 1e-3 for fp32, 1e-1 for --fp16].")
+@quantize_options
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @verbosity
 def export_cmd(model_name: str, target: str, out: Path, dtype: str, fp16: bool, opset: int, exporter: str,
-               atol: float | None, force: bool, progress: bool) -> None:
+               atol: float | None, quantize: str | None, block_size: int, accuracy_level: int, quantize_eval: str,
+               force: bool, progress: bool) -> None:
     """Export a (pruned) model: a stock HF checkpoint and/or an ONNX decoder with KV cache."""
     from faspx.pipeline import export
 
     start = time.perf_counter()
     model, _, results = export(model_name, out, target, dtype=dtype, fp16=fp16, opset=opset, exporter=exporter,
-                               atol=atol, force=force, progress=progress)
+                               atol=atol, quantization=quantization_of(quantize, block_size, accuracy_level,
+                                                                       quantize_eval),
+                               force=force, progress=progress)
     click.echo(f"exported {model_name} to {out} in {time.perf_counter() - start:.1f}s")
     click.echo(f"  {sum(p.numel() for p in model.parameters()):,} parameters stored")
     echo_exports(results)
@@ -426,6 +455,15 @@ def echo_exports(results: dict) -> None:
                    f"{v['decode_max_abs_diff']:.2e} (bound {v['bound']:.2g} = {v['atol']:g} x max |logit|; "
                    f"batch {v['batch']}, left padding, "
                    f"past up to {v['max_past_length']})")
+    if "quantized" in results:
+        q, c = results["quantized"], results["quantized_validation"]
+        click.echo(f"  onnx-{q['precision']}/ (MatMulNBits {q['bits']}-bit, block {q['block_size']}, embeddings "
+                   f"{q['embeddings']}): {_size(q['bytes'])}, {q['bytes'] / q['source_bytes']:.3f}x onnx/")
+        g, ppl = c["greedy"], c[f"ppl_{q['precision']}"]
+        click.echo(f"  {q['precision']} vs float32 graph: perplexity {ppl:.3f} vs {c['ppl_float32']:.3f} "
+                   f"({c['ppl_ratio']:.3f}x, bound {c['bound']:g}x; {c['dataset']}, {c['windows']} windows of "
+                   f"{c['seqlen']}); greedy tokens equal {g['tokens_equal']:.1%}, before the first difference "
+                   f"{g['prefix_equal']:.1%} ({g['prompts']} prompts x {g['new_tokens']})")
 
 
 GENERATE_RUNTIMES = ("auto", "torch", "onnxruntime", "genai")
@@ -540,10 +578,12 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, dev
 @click.option("--tasks-dir", default=None, help="Directory of the task files (see faspx eval --tasks-dir).")
 @click.option("--bench", "with_bench", is_flag=True,
               help="Then benchmark dense vs pruned (torch and onnxruntime, batch 1) into OUT/bench.")
+@quantize_options
 @verbosity
 def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | None, with_eval: bool,
           eval_dataset: str, eval_windows: int | None, eval_tasks: tuple[str, ...] | None, eval_limit: int | None,
-          tasks_dir: str | None, with_bench: bool, force: bool, resume: bool, progress: bool, **options) -> None:
+          tasks_dir: str | None, with_bench: bool, quantize: str | None, block_size: int, accuracy_level: int,
+          quantize_eval: str, force: bool, resume: bool, progress: bool, **options) -> None:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
     The default recipe, quality, gives the best stock model faspx makes (`faspx recipes`)."""
@@ -554,7 +594,9 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
     built = run_build(model_name, sparsity, out, recipe, calib=calib, target=target, device=device, dtype=dtype,
                       save_dtype=save_dtype, fp16=fp16, atol=atol, eval_dataset=eval_dataset if with_eval else None,
                       eval_windows=eval_windows, eval_tasks=eval_tasks or (), eval_limit=eval_limit,
-                      tasks_dir=tasks_dir, bench=with_bench, force=force, progress=progress,
+                      tasks_dir=tasks_dir, bench=with_bench,
+                      quantization=quantization_of(quantize, block_size, accuracy_level, quantize_eval),
+                      force=force, progress=progress,
                       command=command_line(click.get_current_context()), resume=resume)
     info = built.info
     click.echo(f"built {out} from {model_name} in {time.perf_counter() - start:.1f}s")

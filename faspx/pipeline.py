@@ -56,6 +56,29 @@ class BuildResult:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """A quantized copy of the ONNX export (``OUT/onnx-int4`` or ``OUT/onnx-int8``; see
+    ``faspx.exporters.quantize``) and the text its perplexity and greedy agreement are checked on."""
+
+    precision: str | None = None  # int4, int8; None: no quantized copy
+    block_size: int = 32
+    accuracy_level: int = 4
+    dataset: str = "wikitext2"
+    windows: int = 8
+
+    def check(self, target: str) -> None:
+        """UsageError before any work: settings, a target with an ONNX graph, the text."""
+        from faspx.exporters.quantize import check_quantize
+
+        if self.precision is None:
+            return
+        check_quantize(self.precision, self.block_size, self.accuracy_level)
+        if target == "hf":
+            raise UsageError(f"--quantize {self.precision} quantizes the ONNX graph: use --target onnx or all")
+        check_eval(self.dataset, self.windows)
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Where the calibration windows come from."""
 
@@ -189,8 +212,10 @@ def save_pruned(result: PruneResult, out: Path, force: bool = False) -> dict:
 
 def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: FaspInfo, *,
                    hf_dtype: str = "float32", fp16: bool = False, opset: int = 18, exporter: str = "auto",
-                   atol: float | None = None, progress: bool = False) -> dict:
-    """Write OUT/hf and/or OUT/onnx (validated against ``model``); return their summaries."""
+                   atol: float | None = None, quantization: Quantization = Quantization(),
+                   progress: bool = False) -> dict:
+    """Write OUT/hf and/or OUT/onnx (validated against ``model``), and OUT/onnx-int4|int8 when
+    ``quantization`` asks (checked against OUT/onnx); return their summaries."""
     from faspx.exporters.hf import export_hf
     from faspx.exporters.onnx import export_onnx, validate_onnx
 
@@ -204,7 +229,34 @@ def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: Fa
                                       exporter=exporter, progress=progress)
         log.info("validating the ONNX graph against PyTorch")
         results["validation"] = validate_onnx(out / "onnx", model, atol=atol, progress=progress)
+    if quantization.precision:
+        results.update(quantize_export(out, tokenizer, quantization, model.config, progress))
     return results
+
+
+def quantize_export(out: Path, tokenizer, quantization: Quantization, config, progress: bool) -> dict:
+    """OUT/onnx-{precision} from OUT/onnx, and its check against OUT/onnx: {'quantized', 'quantized_validation'}."""
+    from faspx.data import eval_ids
+    from faspx.exporters.quantize import quantize_onnx, validate_quantized
+
+    q = quantization
+    target = out / f"onnx-{q.precision}"
+    target.mkdir()
+    log.info("quantizing the ONNX graph to %s (block %d, accuracy level %d)", q.precision, q.block_size,
+             q.accuracy_level)
+    summary = quantize_onnx(out / "onnx", target, q.precision, q.block_size, q.accuracy_level)
+    if tokenizer is None:
+        raise UsageError("checking a quantized graph needs the model's tokenizer (its perplexity on text)")
+    ids = eval_ids(tokenizer, q.dataset)
+    seqlen = min(2048, getattr(config, "max_position_embeddings", 2048), ids.numel())
+    log.info("checking the %s graph against the float32 one: perplexity on %s, greedy agreement", q.precision,
+             q.dataset)
+    check = validate_quantized(target, out / "onnx", ids, seqlen, windows=q.windows, progress=progress)
+    check["dataset"] = q.dataset
+    from faspx.outputs import write_json
+
+    write_json(target / "quantization.json", {"quantization": summary, "check": check})
+    return {"quantized": summary, "quantized_validation": check}
 
 
 def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto") -> None:
@@ -239,8 +291,8 @@ def eval_seqlen(positions: int | None, seqlen: int) -> int:
 
 
 def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "auto", fp16: bool = False,
-           opset: int = 18, exporter: str = "auto", atol: float | None = None, force: bool = False,
-           progress: bool = False) -> tuple:
+           opset: int = 18, exporter: str = "auto", atol: float | None = None,
+           quantization: Quantization = Quantization(), force: bool = False, progress: bool = False) -> tuple:
     """``faspx export``: an existing model directory (pruned or not) to OUT/hf and/or OUT/onnx.
 
     Returns (model, FaspInfo, the exports' summaries).
@@ -249,6 +301,7 @@ def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "aut
     from faspx.models import load_config, load_model
 
     check_export(target, atol, opset, exporter)
+    quantization.check(target)
     config, _ = load_config(model_name)  # a directory without config.json is a UsageError here
     check_out(out, force)
     source_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
@@ -262,7 +315,8 @@ def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "aut
     model, tokenizer, _ = load_model(model_name, dtype=torch.float32 if target != "hf" else "auto")
     with atomic_dir(out, force) as tmp:
         results = export_targets(model, tokenizer, tmp, target, info, hf_dtype=hf_dtype, fp16=fp16,
-                                 opset=opset, exporter=exporter, atol=atol, progress=progress)
+                                 opset=opset, exporter=exporter, atol=atol, quantization=quantization,
+                                 progress=progress)
     return model, info, results
 
 
@@ -271,7 +325,8 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
           save_dtype: str = "float32", fp16: bool = False, atol: float | None = None,
           eval_dataset: str | None = None, eval_windows: int | None = None, eval_tasks: tuple[str, ...] = (),
           eval_limit: int | None = None, tasks_dir: str | None = None, bench: bool = False,
-          force: bool = False, progress: bool = True, command: str = "", resume: bool = False) -> BuildResult:
+          quantization: Quantization = Quantization(), force: bool = False, progress: bool = True,
+          command: str = "", resume: bool = False) -> BuildResult:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
     ``eval_dataset`` adds dense and pruned perplexity; ``eval_tasks`` dense and pruned zero-shot
@@ -284,6 +339,7 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
     """
     recipe = get_recipe(recipe)
     check_export(target, atol)
+    quantization.check(target)
     if eval_dataset:
         check_eval(eval_dataset, eval_windows)
     if eval_tasks:
@@ -309,7 +365,7 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
             info, model = result.info, result.model
             t = time.perf_counter()
             info.exports = export_targets(model, result.tokenizer, tmp, target, info, hf_dtype=save_dtype,
-                                          fp16=fp16, atol=atol, progress=progress)
+                                          fp16=fp16, atol=atol, quantization=quantization, progress=progress)
             info.timings["export_s"] = time.perf_counter() - t
             if eval_dataset:
                 info.eval = evaluate_both(model_name, model, eval_dataset, eval_windows, device, dtype, progress)
