@@ -125,6 +125,7 @@ def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, d
     import torch
     from transformers import AutoTokenizer
 
+    from faspx.exporters.hf import is_nas_dir
     from faspx.exporters.onnx import export_onnx, validate_onnx
     from faspx.models import load_hf
     from faspx.outputs import atomic_dir
@@ -139,7 +140,7 @@ def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, d
     log.info("exporting %s to ONNX for the onnxruntime backend (%s, cached in %s)", hf_dir, settings, target)
     model = load_hf(hf_dir, dtype=torch.float32)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=is_nas_dir(hf_dir))  # code checked
     except Exception:  # noqa: BLE001 - a model directory without tokenizer files still exports
         tokenizer = None
     with atomic_dir(target, force=True) as tmp:

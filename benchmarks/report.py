@@ -86,8 +86,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| per-token decode latency p90 (s) | {dl['p90']:.4f} | {pl['p90']:.4f} | "
                      f"{entry['ratios']['per_token_latency_p90_s']:.3f} |")
         for key, label in MEMORY_LABELS.items():
+            size = (lambda n: f"{n:,} B") if key == "kv_bytes_per_token" else _mb
             if key in d["memory"]:
-                lines.append(f"| {label} | {_mb(d['memory'][key])} | {_mb(p['memory'][key])} | "
+                lines.append(f"| {label} | {size(d['memory'][key])} | {size(p['memory'][key])} | "
                              f"{_ratio(p['memory'][key], d['memory'][key])} |")
         lines.append("")
     lines += ["## Size, weights and the roofline", "", "| | dense | pruned | pruned/dense |", "|---|---|---|---|"]

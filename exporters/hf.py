@@ -193,4 +193,5 @@ def load_nas(directory: str | Path, dtype: torch.dtype | str = "auto") -> tuple[
     path = Path(directory).expanduser()
     check_nas_code(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    # the tokenizer is stock, but transformers reads config.json's auto_map to find it (and would ask)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)

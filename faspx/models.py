@@ -151,11 +151,12 @@ def load_hf(directory: str | Path, dtype: torch.dtype | str = "auto") -> nn.Modu
     """A local checkpoint's model in eval mode: stock, or a faspx nemotron-nas one (code checked)."""
     from transformers import AutoModelForCausalLM
 
-    from faspx.exporters.hf import is_nas_dir, load_nas
+    from faspx.exporters.hf import check_nas_code, is_nas_dir
 
-    if is_nas_dir(directory):
-        return load_nas(directory, dtype)[0]
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    nas = is_nas_dir(directory)
+    if nas:
+        check_nas_code(directory)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=nas).eval()
 
 
 def output_form(source: str) -> str | None:
