@@ -245,14 +245,18 @@ def recipes() -> None:
     from faspx.recipes import DEFAULT, table
 
     rows = table()
-    click.echo(f"{'recipe':<9} {'stock':<6} {'ppl@0.2':>8} {'ppl@0.3':>8} {'time':>6}  what it does")
+    levels = ("0.2", "0.25", "0.3", "0.375")
+    click.echo(f"{'recipe':<13} {'stock':<6} " + " ".join(f"{'ppl@' + s:>9}" for s in levels) + f" {'time':>6}  "
+               "what it does")
     for row in rows:
-        ppl = [f"{row[k]:.2f}" if k in row else "-" for k in ("ppl_0.2", "ppl_0.3")]
+        ppl = " ".join(f"{row['ppl_' + s]:>9.2f}" if "ppl_" + s in row else f"{'-':>9}" for s in levels)
         time_x = f"{row['time_x']:.2f}x" if "time_x" in row else "-"
         name = row["name"] + ("*" if row["name"] == DEFAULT else "")
-        click.echo(f"{name:<9} {'yes' if row['stock'] else 'no':<6} {ppl[0]:>8} {ppl[1]:>8} {time_x:>6}  {row['what']}")
+        click.echo(f"{name:<13} {'yes' if row['stock'] else 'no':<6} {ppl} {time_x:>6}  {row['what']}")
     click.echo("* the default. ppl: WikiText-2 (148 windows of 2048, bf16) of SmolLM2-135M pruned with 128 x 2048 C4 "
-               "tokens; time: prune + distillation in units of one dense forward over those tokens (docs/accuracy.md).")
+               "tokens (2ssp recipes: the fraction of decoder-layer parameters, norms included); time: prune + "
+               "distillation in units of one dense forward over those tokens, at the lowest rate measured "
+               "(docs/accuracy.md).")
 
 
 def _tasks(_ctx, _param, value: str | None) -> tuple[str, ...] | None:
