@@ -63,7 +63,7 @@ DEFAULT_OPSET = 18
 # writes what it is asked for, down to MIN_OPSET.
 DYNAMO_MIN_OPSET = 18
 MIN_OPSET = 14
-EXPORTERS = ("auto", "dynamo", "torchscript")
+EXPORTERS = ("auto", "dynamo", "torchscript")  # and onnxruntime-genai's builder: exporters/builder.py
 # The protobuf limit is 2 GiB for the whole file; keep headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 EXTERNAL_DATA_FILE = "model.onnx_data"

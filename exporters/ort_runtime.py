@@ -92,10 +92,21 @@ class OnnxDecoder:
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         key = inputs["past_key_values.0.key"]
-        self.kv_heads, self.head_dim = int(key.shape[1]), int(key.shape[3])
+        self.kv_heads, self.head_dim = int(key.shape[1]), self._head_dim(key.shape[3])
         self.kv_dtype = ORT_DTYPES[key.type]
         self.eos_token_ids, self.pad_token_id = self._special_ids()
+        from faspx.exporters.builder import is_builder_graph
+
+        self.builder = is_builder_graph(self.model_dir)  # fused attention: one row's mask must be all ones
         self._tokenizer = None
+
+    def _head_dim(self, dim) -> int:
+        """The cache's head size: fixed in faspx's graphs, a named dimension in onnxruntime-genai's
+        builder (``kv_cache_dim``), then read from config.json."""
+        if isinstance(dim, int):
+            return dim
+        config = json.loads((self.model_dir / "config.json").read_text())
+        return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
     def _special_ids(self) -> tuple[list[int], int | None]:
         data: dict = {}
@@ -149,6 +160,10 @@ class OnnxDecoder:
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if self.builder and not attention_mask.all():
+            raise UsageError(f"{self.model_dir} was written by onnxruntime-genai's builder, whose fused attention "
+                             "takes no left padding: give prompts of one length (or one prompt), or run it with "
+                             "--runtime genai")
         pos = positions(attention_mask, input_ids.shape[1])
         return self.forward(input_ids, attention_mask, pos, self.empty_past(input_ids.shape[0]))
 

@@ -224,11 +224,19 @@ def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: Fa
         results["hf"] = export_hf(model, tokenizer, out / "hf", info, dtype=hf_dtype)
     if target in ("onnx", "all"):
         model = model.float()  # the graph and its validation are traced in float32 (fp16 is a cast)
-        log.info("exporting the ONNX graph")
-        results["onnx"] = export_onnx(model, tokenizer, out / "onnx", info, fp16=fp16, opset=opset,
-                                      exporter=exporter, progress=progress)
+        if exporter == "builder":  # its fused attention takes no left padding: checked at batch 1
+            from faspx.exporters.builder import export_builder
+
+            log.info("writing the ONNX graph with onnxruntime-genai's model builder")
+            results["onnx"] = export_builder(model, tokenizer, out / "onnx", info, progress=progress)
+            batch = 1
+        else:
+            log.info("exporting the ONNX graph")
+            results["onnx"] = export_onnx(model, tokenizer, out / "onnx", info, fp16=fp16, opset=opset,
+                                          exporter=exporter, progress=progress)
+            batch = 3
         log.info("validating the ONNX graph against PyTorch")
-        results["validation"] = validate_onnx(out / "onnx", model, atol=atol, progress=progress)
+        results["validation"] = validate_onnx(out / "onnx", model, atol=atol, batch=batch, progress=progress)
     if quantization.precision:
         results.update(quantize_export(out, tokenizer, quantization, model.config, progress))
     return results
@@ -259,8 +267,10 @@ def quantize_export(out: Path, tokenizer, quantization: Quantization, config, pr
     return {"quantized": summary, "quantized_validation": check}
 
 
-def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto") -> None:
-    """The export checks that need no weights: the target, the validation bound, the opset."""
+def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto",
+                 config=None, stock: bool = True, fp16: bool = False) -> None:
+    """The export checks that need no weights: the target, the validation bound, the opset, and (with
+    ``config``) whether the builder can write the model."""
     from faspx.exporters.onnx import check_opset
 
     if target not in TARGETS:
@@ -269,6 +279,14 @@ def check_export(target: str, atol: float | None = None, opset: int = 18, export
         raise UsageError(f"--atol must be > 0 (got {atol})")
     if target != "hf":
         check_opset(opset, exporter)
+    if exporter == "builder" and target != "hf":
+        from faspx.exporters.builder import builder_unsupported
+
+        if fp16:
+            raise UsageError("--exporter builder writes float32 here (its fp16 graphs are for CUDA): drop --fp16")
+        reason = builder_unsupported(config, stock) if config is not None else None
+        if reason:
+            raise UsageError(f"--exporter builder: {reason}")
 
 
 def check_eval(dataset: str, windows: int | None, seqlen: int = 2048) -> None:
@@ -300,9 +318,10 @@ def export(model_name: str, out: Path, target: str = "all", *, dtype: str = "aut
     from faspx.exporters.hf import DTYPES
     from faspx.models import load_config, load_model
 
-    check_export(target, atol, opset, exporter)
+    check_export(target, atol, opset, exporter, fp16=fp16)
     quantization.check(target)
     config, _ = load_config(model_name)  # a directory without config.json is a UsageError here
+    check_export(target, atol, opset, exporter, config, fp16=fp16)
     check_out(out, force)
     source_dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     hf_dtype = dtype if dtype != "auto" else source_dtype if source_dtype in DTYPES else "float32"
@@ -325,8 +344,8 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
           save_dtype: str = "float32", fp16: bool = False, atol: float | None = None,
           eval_dataset: str | None = None, eval_windows: int | None = None, eval_tasks: tuple[str, ...] = (),
           eval_limit: int | None = None, tasks_dir: str | None = None, bench: bool = False,
-          quantization: Quantization = Quantization(), force: bool = False, progress: bool = True,
-          command: str = "", resume: bool = False) -> BuildResult:
+          quantization: Quantization = Quantization(), exporter: str = "auto", force: bool = False,
+          progress: bool = True, command: str = "", resume: bool = False) -> BuildResult:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
     ``eval_dataset`` adds dense and pruned perplexity; ``eval_tasks`` dense and pruned zero-shot
@@ -338,7 +357,11 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
         >>> built = build("~/.cache/faspx/smollm2-135m", 0.3, Path("out/x"), target="hf")  # doctest: +SKIP
     """
     recipe = get_recipe(recipe)
-    check_export(target, atol)
+    check_export(target, atol, exporter=exporter, fp16=fp16)
+    if exporter == "builder":
+        from faspx.models import load_config
+
+        check_export(target, atol, exporter=exporter, config=load_config(model_name)[0], stock=recipe.stock, fp16=fp16)
     quantization.check(target)
     if eval_dataset:
         check_eval(eval_dataset, eval_windows)
@@ -365,7 +388,8 @@ def build(model_name: str, sparsity: float, out: Path, recipe: Recipe | str | No
             info, model = result.info, result.model
             t = time.perf_counter()
             info.exports = export_targets(model, result.tokenizer, tmp, target, info, hf_dtype=save_dtype,
-                                          fp16=fp16, atol=atol, quantization=quantization, progress=progress)
+                                          fp16=fp16, atol=atol, exporter=exporter, quantization=quantization,
+                                          progress=progress)
             info.timings["export_s"] = time.perf_counter() - t
             if eval_dataset:
                 info.eval = evaluate_both(model_name, model, eval_dataset, eval_windows, device, dtype, progress)

@@ -218,8 +218,9 @@ def table(rows: dict[str, dict] | None = None) -> list[dict]:
 # What each preset measured on SmolLM2-135M: WikiText-2 perplexity (148 windows of 2048, bf16) at
 # s = 0.2 and 0.3 (2ssp recipes: 0.25 and 0.375, the paper's rates) after pruning with 128 x 2048 C4
 # tokens, and the prune + distillation time in units of one dense forward over those tokens (the
-# 2ssp rows' times were taken on machines shared with other runs: docs/accuracy.md, not here). Each figure is a row of a file in benchmarks/results/
-# (tests/test_recipes.py checks that it is); docs/accuracy.md gives the commands. Absent: not measured.
+# 2ssp rows' times were taken on machines shared with other runs: docs/accuracy.md, not here). Each
+# figure is a row of a file in benchmarks/results/ (tests/test_recipes.py checks that it is);
+# docs/accuracy.md gives the commands. Absent: not measured.
 MEASURED: dict[str, dict[str, float]] = {
     "paper": {"ppl_0.2": 42.32, "ppl_0.3": 61.58},
     "wanda": {"ppl_0.2": 51.50},

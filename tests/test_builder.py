@@ -1,0 +1,85 @@
+"""onnxruntime-genai's model builder as faspx's fast ONNX path (exporters/builder.py): what it takes,
+that its graph matches PyTorch at batch 1 and decodes token for token in onnxruntime-genai, and that
+what it cannot do is refused before any work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+from faspx.cli import main
+from faspx.errors import UsageError
+from faspx.exporters.builder import builder_unsupported
+from faspx.exporters.ort_runtime import OnnxDecoder
+
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+
+
+def head32(vocab: int) -> LlamaConfig:
+    """A tiny LLaMA-GQA whose head size (32) GroupQueryAttention takes on the CPU."""
+    return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128)
+
+
+@pytest.fixture
+def model_dir(tmp_path, opt_tokenizer):
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(head32(50272)).save_pretrained(tmp_path / "dense")
+    opt_tokenizer.save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense"
+
+
+def test_what_the_builder_takes():
+    assert builder_unsupported(head32(512)) is None
+    assert "not opt" in builder_unsupported(OPTConfig())
+    assert "nemotron-nas" in builder_unsupported(head32(512), stock=False)
+    narrow = head32(512)
+    narrow.head_dim = 24
+    assert "multiple of 16" in builder_unsupported(narrow)
+
+
+def test_the_builder_export_matches_pytorch_and_genai_decodes_it_token_for_token(model_dir, tmp_path):
+    import onnxruntime_genai as og
+
+    result = CliRunner().invoke(main, ["export", "--model", str(model_dir), "--target", "onnx", "--exporter",
+                                       "builder", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "builder exporter" in result.output and "batch 1" in result.output  # validated against PyTorch
+    onnx_dir = tmp_path / "o" / "onnx"
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "GroupQueryAttention" for n in graph.node)
+    assert json.loads((onnx_dir / "config.json").read_text())["faspx_exporter"] == "builder"
+    prompt = np.random.default_rng(0).integers(0, 50272, size=(1, 10))
+    ours = OnnxDecoder(onnx_dir, device="cpu").generate(prompt, max_new_tokens=6, eos_token_id=[])[0, 10:]
+    model = og.Model(str(onnx_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=16, min_length=16)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert list(generator.get_sequence(0))[10:] == list(ours)  # one graph, one set of kernels
+    # its fused attention takes no left padding: faspx's decoder says so instead of computing garbage
+    with pytest.raises(UsageError, match="left padding"):
+        OnnxDecoder(onnx_dir, device="cpu").prefill(np.ones((2, 4), dtype=np.int64), np.array([[0, 1, 1, 1]] * 2))
+
+
+def test_what_the_builder_cannot_write_is_refused_before_any_work(tmp_path, opt_tokenizer, text_file):
+    from tests.conftest import save_tiny
+
+    runner = CliRunner()
+    opt = save_tiny("opt", tmp_path / "opt", opt_tokenizer)
+    bad = runner.invoke(main, ["export", "--model", str(opt), "--target", "onnx", "--exporter", "builder",
+                               "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not opt" in bad.output and not (tmp_path / "x").exists(), bad.output
+    llama = save_tiny("llama", tmp_path / "llama", opt_tokenizer)  # head size 24
+    bad = runner.invoke(main, ["build", "--model", str(llama), "--sparsity", "0.3", "--calib", str(text_file),
+                               "--nsamples", "4", "--seqlen", "64", "--exporter", "builder", "--out",
+                               str(tmp_path / "y")])
+    assert bad.exit_code == 2 and "multiple of 16" in bad.output and not (tmp_path / "y").exists(), bad.output
