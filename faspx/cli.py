@@ -462,7 +462,7 @@ def echo_exports(results: dict) -> None:
             click.echo(f"  onnxruntime-genai: {o['onnxruntime_genai']}")
         click.echo(f"  ONNX vs PyTorch max |logits diff|: prefill {v['prefill_max_abs_diff']:.2e}, decode "
                    f"{v['decode_max_abs_diff']:.2e} (bound {v['bound']:.2g} = {v['atol']:g} x max |logit|; "
-                   f"batch {v['batch']}, left padding, "
+                   f"batch {v['batch']}, {'left padding' if v['batch'] > 1 else 'no padding'}, "
                    f"past up to {v['max_past_length']})")
     if "quantized" in results:
         q, c = results["quantized"], results["quantized_validation"]
