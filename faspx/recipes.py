@@ -225,7 +225,7 @@ MEASURED: dict[str, dict[str, float]] = {
     "paper": {"ppl_0.2": 42.32, "ppl_0.3": 61.58},
     "wanda": {"ppl_0.2": 51.50},
     "fast": {"ppl_0.2": 37.18, "time_x": 1.30},
-    "quality": {"ppl_0.2": 32.87, "ppl_0.3": 42.14, "time_x": 2.26},
+    "quality": {"ppl_0.2": 32.87, "ppl_0.3": 42.14, "ppl_0.375": 50.82, "time_x": 2.26},
     "max": {},
     "2ssp": {"ppl_0.25": 51.28, "ppl_0.375": 113.53},
     "2ssp-quality": {"ppl_0.25": 36.70, "ppl_0.375": 50.32},
