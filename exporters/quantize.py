@@ -69,9 +69,11 @@ def check_quantize(precision: str | None, block_size: int = DEFAULT_BLOCK_SIZE,
 
 
 def untie_transposed_weights(model) -> list[str]:
-    """Give every MatMul whose weight is ``Transpose(initializer)`` an initializer of its own (the
-    transposed copy), so that it can be quantized; the Transpose goes when nothing else reads it.
-    Returns the initializers copied (the tied embedding table of a dynamo export)."""
+    """Give every MatMul weight or Gather table that is ``Transpose(initializer)`` an initializer of
+    its own (the transposed copy), so that it can be quantized; the Transpose goes when nothing else
+    reads it. Returns the initializers copied: the tied table of a dynamo export (stored for the
+    lookup, transposed for the LM head) or of the builder's (stored for the head, transposed for the
+    lookup)."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -82,10 +84,11 @@ def untie_transposed_weights(model) -> list[str]:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     copied = []
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] in inits:
+    for node in list(graph.node):
+        slot = {"MatMul": 1, "Gather": 0}.get(node.op_type)
+        if slot is None or node.input[slot] in inits:
             continue
-        transpose = producers.get(node.input[1])
+        transpose = producers.get(node.input[slot])
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
             continue
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
@@ -97,8 +100,8 @@ def untie_transposed_weights(model) -> list[str]:
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
             inits[name] = graph.initializer[-1]
             copied.append(transpose.input[0])
-        readers[node.input[1]] -= 1
-        node.input[1] = name
+        readers[node.input[slot]] -= 1
+        node.input[slot] = name
         if readers[transpose.output[0]] == 0:
             graph.node.remove(transpose)
     return copied

@@ -83,3 +83,20 @@ def test_what_the_builder_cannot_write_is_refused_before_any_work(tmp_path, opt_
                                "--nsamples", "4", "--seqlen", "64", "--exporter", "builder", "--out",
                                str(tmp_path / "y")])
     assert bad.exit_code == 2 and "multiple of 16" in bad.output and not (tmp_path / "y").exists(), bad.output
+
+
+def test_int4_of_a_tied_builder_graph_quantizes_its_embedding_table_too(tmp_path, opt_tokenizer):
+    from faspx.exporters.builder import export_builder
+    from faspx.exporters.quantize import quantize_onnx
+
+    config = head32(50272)  # the builder needs a tokenizer: the OPT one's ids
+    config.tie_word_embeddings = True  # the builder stores the head's weight and transposes it for the lookup
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    export_builder(model, opt_tokenizer, tmp_path / "onnx")
+    (tmp_path / "q").mkdir()
+    summary = quantize_onnx(tmp_path / "onnx", tmp_path / "q", "int4")
+    assert summary["untied"] and summary["nodes"]["GatherBlockQuantized"] == 1 and summary["float_matmuls_left"] == []
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
+    stored = sum(len(i.raw_data) if i.raw_data else onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
+    assert stored == summary["expected_bytes"]
