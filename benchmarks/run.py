@@ -78,24 +78,21 @@ def roofline(configs: dict) -> dict:
             "ideal_prefill_speedup": layers["dense"] / layers["pruned"]}
 
 
-def decode_bound(configs: dict, batch: int, context: float, bytes_per_value: int) -> float:
-    """Ideal dense/pruned decode speedup when a step reads the weights once and the KV cache of every
-    sequence (``context`` tokens each): the roofline with the cache, which at a long context is where
-    removing attention (2SSP) pays. Weights and cache counted at ``bytes_per_value``.
+def decode_bound(read_values: dict, configs: dict, batch: int, context: float, bytes_per_value: int) -> float:
+    """Ideal dense/pruned decode speedup when a step reads the weights once (``read_values``: the
+    weight values each variant reads per step, from the roofline) and the KV cache of every sequence
+    (``context`` tokens each): the roofline with the cache, which at a long context is where removing
+    attention (2SSP) pays. Weights and cache counted at ``bytes_per_value``.
 
     Example:
         >>> from transformers import LlamaConfig
         >>> c = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         ...                 vocab_size=64)
-        >>> decode_bound({"dense": c, "pruned": c}, 1, 100.0, 4)
+        >>> decode_bound({"dense": 1000, "pruned": 1000}, {"dense": c, "pruned": c}, 1, 100.0, 4)
         1.0
     """
-    from faspx.models import meta_model
-
-    read = {}
-    for name, config in configs.items():
-        values = memory.decode_read_bytes(meta_model(config).to(torch.float32)) / 4
-        read[name] = values * bytes_per_value + batch * context * memory.kv_bytes_per_token(config, bytes_per_value)
+    read = {name: read_values[name] * bytes_per_value
+            + batch * context * memory.kv_bytes_per_token(config, bytes_per_value) for name, config in configs.items()}
     return read["dense"] / read["pruned"]
 
 
@@ -187,6 +184,8 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
                         "dir_bytes": {"hf": memory.disk_bytes(d["hf"])}}
     peaks = memory.RssPeaks()
     cells = [(length, batch) for length in prompt_lens for batch in batches]
+    read_values = {name: report["roofline"][f"{name}_read_bytes"] / _dtype(config).itemsize
+                   for name, config in configs.items()}
     per_backend = (len(cells) * (warmup + repeats) + 1) * len(VARIANTS)
     bar = tqdm(total=len(backends) * per_backend, desc="benchmark", unit="run", disable=not progress)
     for backend in backends:
@@ -214,7 +213,7 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
         for length, batch in cells:
             try:
                 report["results"].append(_measure(backend, runners, load, prompts[length, batch], new_tokens, repeats,
-                                                  warmup, dev, configs, peaks, clock, bar))
+                                                  warmup, dev, configs, read_values, peaks, clock, bar))
             except torch.OutOfMemoryError:
                 report["skipped"].append({"backend": backend, "batch": batch, "prompt_len": length,
                                           "reason": f"out of GPU memory at batch {batch}, prompt {length} "
@@ -291,7 +290,8 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
 
 
 def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_tokens: int, repeats: int, warmup: int,
-             dev: torch.device, configs: dict, peaks: memory.RssPeaks, clock: Callable[[], float], bar) -> dict:
+             dev: torch.device, configs: dict, read_values: dict, peaks: memory.RssPeaks,
+             clock: Callable[[], float], bar) -> dict:
     """One (backend, batch) cell: interleaved runs of both variants, their figures, memory and ratios."""
     batch, prompt_len = ids.shape
     torch_cuda = dev.type == "cuda" and backend == "torch"
@@ -338,7 +338,8 @@ def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_token
         entry["variants"][name] = {"figures": figures(samples[name], batch, prompt_len, new_tokens), "memory": m,
                                    "samples": [s.to_dict() for s in samples[name]]}
     entry["ratios"] = ratios(entry["variants"]["dense"]["figures"], entry["variants"]["pruned"]["figures"])
-    entry["ideal_decode_speedup_with_kv"] = decode_bound(configs, batch, prompt_len + (new_tokens - 1) / 2,
+    entry["ideal_decode_speedup_with_kv"] = decode_bound(read_values, configs, batch,
+                                                         prompt_len + (new_tokens - 1) / 2,
                                                          runners["dense"].kv_bytes_per_value)
     entry["process_peak_rss_bytes_so_far"] = peaks.overall()
     return entry
