@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from faspx.benchmarks.timing import Sample, time_generation
+from faspx.exporters.files import weight_file_bytes
 from faspx.models import cache_keyword, returned_cache
 
 BACKENDS = ("torch", "onnxruntime", "genai", "vllm")
@@ -109,8 +110,7 @@ class OrtRunner:
         self.decoder = OnnxDecoder(onnx_dir, device=device)
         self.dtype = np.dtype(self.decoder.kv_dtype).name
         self.kv_bytes_per_value = np.dtype(self.decoder.kv_dtype).itemsize
-        self.weight_bytes = sum(p.stat().st_size for p in Path(onnx_dir).iterdir()
-                                if p.name.startswith("model.onnx"))  # graph + external data: the initializers
+        self.weight_bytes = weight_file_bytes(onnx_dir)  # graph + external data: the initializers
 
     def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
                at_end: Callable[[object], None] | None = None) -> Sample:
@@ -149,7 +149,7 @@ class GenaiRunner:
         config = json.loads((Path(onnx_dir) / "config.json").read_text())
         self.dtype = config.get("dtype", "float32")
         self.kv_bytes_per_value = 2 if self.dtype == "float16" else 4
-        self.weight_bytes = sum(p.stat().st_size for p in Path(onnx_dir).iterdir() if p.name.startswith("model.onnx"))
+        self.weight_bytes = weight_file_bytes(onnx_dir)
 
     def sample(self, ids: np.ndarray, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
                at_end: Callable[[object], None] | None = None) -> Sample:

@@ -9,8 +9,8 @@ as a named dimension; ``genai_config.json`` is its own.
 What it cannot express is left to the dynamo exporter (``builder_unsupported`` says why): OPT (no
 builder model type in faspx's set), the nemotron-nas form (per-layer widths, removed attention), a
 head size that is not a multiple of 16 (GroupQueryAttention refuses it on the CPU). Its fused
-attention takes the mask as per-row lengths, so left-padded batches are not what it computes:
-``validate_builder`` compares it with PyTorch at batch 1 (prefill and decode steps), and faspx's own
+attention takes the mask as per-row lengths, so left-padded batches are not what it computes: the
+pipeline validates it against PyTorch at batch 1 (``validate_onnx(..., batch=1)``), and faspx's own
 onnxruntime decoder refuses left-padded batches on it (``config.json``: ``faspx_exporter``);
 onnxruntime-genai runs its batches its own way.
 
@@ -97,10 +97,7 @@ def export_builder(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspIn
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise FaspxError(f"onnxruntime-genai's builder failed (exit {done.returncode}): {' | '.join(tail)}")
-    write_config(model, out_dir, "float32")
-    config = json.loads((out_dir / "config.json").read_text())
-    config["faspx_exporter"] = "builder"
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(model, out_dir, "float32", extra={"faspx_exporter": "builder"})
     write_side_files(model, tokenizer, out_dir, fasp_info)
     from faspx.exporters.onnx import graph_opset
 

@@ -59,7 +59,8 @@ def require_model_dir(path: str | Path, need: tuple[str, ...] = ()) -> Path:
     return path
 
 
-def write_config(model, out_dir: Path, dtype: str, kv_layers: list[int] | None = None) -> None:
+def write_config(model, out_dir: Path, dtype: str, kv_layers: list[int] | None = None,
+                 extra: dict | None = None) -> None:
     """A stock config.json for ``model`` (its current, reduced FFN width), saved weights in ``dtype``.
 
     ``auto_map`` is dropped so that nothing points at custom code: stock classes load the directory.
@@ -75,6 +76,7 @@ def write_config(model, out_dir: Path, dtype: str, kv_layers: list[int] | None =
     data.pop("torch_dtype", None)
     data["dtype"] = dtype
     data["use_cache"] = True
+    data.update(extra or {})  # faspx's own marks (faspx_exporter)
     write_json(out_dir / "config.json", data)
 
 
@@ -102,6 +104,12 @@ def write_side_files(model, tokenizer, out_dir: Path, fasp_info: FaspInfo | None
         log.warning("no tokenizer given: %s has no tokenizer files", out_dir)
     if fasp_info is not None:
         fasp_info.write(out_dir / "fasp.json")
+
+
+def weight_file_bytes(onnx_dir: Path) -> int:
+    """Bytes of ``model.onnx`` and its external data (``model.onnx_data``, or the builder's
+    ``model.onnx.data``): what a runtime loads."""
+    return sum(p.stat().st_size for p in Path(onnx_dir).iterdir() if p.name.startswith("model.onnx"))
 
 
 def dir_summary(out_dir: Path) -> dict:

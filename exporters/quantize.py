@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from faspx.errors import FaspxError, UsageError
+from faspx.exporters.files import weight_file_bytes
 
 log = logging.getLogger("faspx")
 
@@ -68,13 +69,24 @@ def check_quantize(precision: str | None, block_size: int = DEFAULT_BLOCK_SIZE,
         raise UsageError(f"--accuracy-level must be 0..4 (got {accuracy_level}): MatMulNBits' compute type")
 
 
+def _transposed(graph, inits: dict, name: str) -> str:
+    """The name of an initializer holding ``name``'s 2-D weight transposed (added once, then shared)."""
+    from onnx import numpy_helper
+
+    copy = f"{name}.transposed"
+    if copy not in inits:
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[name]).T),
+                                                         copy))
+        inits[copy] = graph.initializer[-1]
+    return copy
+
+
 def untie_transposed_weights(model) -> list[str]:
     """Give every MatMul weight or Gather table that is ``Transpose(initializer)`` an initializer of
     its own (the transposed copy), so that it can be quantized; the Transpose goes when nothing else
     reads it. Returns the initializers copied: the tied table of a dynamo export (stored for the
     lookup, transposed for the LM head) or of the builder's (stored for the head, transposed for the
     lookup)."""
-    from onnx import numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -92,16 +104,12 @@ def untie_transposed_weights(model) -> list[str]:
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
             continue
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
-        weight = numpy_helper.to_array(inits[transpose.input[0]])
-        if weight.ndim != 2 or perm not in (None, [1, 0]):
+        if len(inits[transpose.input[0]].dims) != 2 or perm not in (None, [1, 0]):
             continue
-        name = f"{transpose.input[0]}.transposed"
-        if name not in inits:
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
-            inits[name] = graph.initializer[-1]
+        if f"{transpose.input[0]}.transposed" not in inits:
             copied.append(transpose.input[0])
         readers[node.input[slot]] -= 1
-        node.input[slot] = name
+        node.input[slot] = _transposed(graph, inits, transpose.input[0])
         if readers[transpose.output[0]] == 0:
             graph.node.remove(transpose)
     return copied
@@ -111,7 +119,7 @@ def gemms_to_matmuls(model) -> int:
     """Rewrite each ``Gemm(A, W, C)`` with a constant weight (OPT's FFN, traced on 2-D activations) as
     ``MatMul(A, W') + C``, the form MatMulNBits replaces; ``W'`` is ``W`` transposed when ``transB``.
     Returns how many were rewritten (a Gemm with alpha, beta != 1 or transA is left alone)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -121,14 +129,7 @@ def gemms_to_matmuls(model) -> int:
         if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             continue
-        weight = node.input[1]
-        if attrs.get("transB", 0):
-            name = f"{weight}.transposed"
-            if name not in inits:
-                graph.initializer.append(numpy_helper.from_array(
-                    np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T), name))
-                inits[name] = graph.initializer[-1]
-            weight = name
+        weight = _transposed(graph, inits, node.input[1]) if attrs.get("transB", 0) else node.input[1]
         product = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}_matmul"
         new = [helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul")]
         if product != node.output[0]:
@@ -166,11 +167,6 @@ def expected_weight_bytes(model, bits: int, block_size: int, embeddings: bool) -
         k, n = (rows, cols) if quantized[name] == "MatMul" else (cols, rows)  # blocks run along K (H for Gather)
         total += n * math.ceil(k / block_size) * (block_size * bits // 8 + 4)
     return total
-
-
-def weight_file_bytes(onnx_dir: Path) -> int:
-    """Bytes of ``model.onnx`` and its external data: what a runtime loads."""
-    return sum(p.stat().st_size for p in Path(onnx_dir).iterdir() if p.name.startswith("model.onnx"))
 
 
 def quantize_onnx(src: Path, dst: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,

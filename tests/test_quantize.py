@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
 from faspx.cli import main
 from faspx.errors import FaspxError, UsageError
+from faspx.exporters.files import weight_file_bytes
 from faspx.exporters.onnx import export_onnx
 from faspx.exporters.ort_runtime import OnnxDecoder
 from faspx.exporters.quantize import (
@@ -24,7 +25,6 @@ from faspx.exporters.quantize import (
     quantize_onnx,
     untie_transposed_weights,
     validate_quantized,
-    weight_file_bytes,
 )
 from faspx.outputs import FaspInfo
 
