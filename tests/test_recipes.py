@@ -87,6 +87,7 @@ MEASURED_ROWS = {
     ("quality", "time_x"): ("recipes-times-128x2048.json", "quality", 0.2),
     ("fast", "ppl_0.2"): ("acc-full-128x2048.json", "mlp", 0.2),  # the old --structure mlp: fast's fields
     ("fast", "time_x"): ("recipes-times-128x2048.json", "fast", 0.2),
+    ("quality", "ppl_0.25"): ("acc-2ssp-128x2048.json", "quality", 0.25),
     ("quality", "ppl_0.375"): ("acc-2ssp-128x2048.json", "quality", 0.375),
     ("2ssp", "ppl_0.25"): ("acc-2ssp-128x2048.json", "2ssp", 0.25),
     ("2ssp", "ppl_0.375"): ("acc-2ssp-128x2048.json", "2ssp", 0.375),
