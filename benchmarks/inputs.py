@@ -39,6 +39,20 @@ def variant_dirs(dense: Path, pruned: Path) -> dict[str, dict[str, Path | None]]
     return dirs
 
 
+def quantized_dirs(pruned_root: Path) -> dict[str, Path]:
+    """The quantized ONNX exports beside a pruned build's ``onnx/`` (``faspx export --quantize``):
+    {'int8': OUT/onnx-int8, 'int4': OUT/onnx-int4}, those that exist.
+
+    Example:
+        >>> quantized_dirs(Path("/nonexistent"))
+        {}
+    """
+    from faspx.exporters.quantize import PRECISIONS
+
+    found = {p: Path(pruned_root) / f"onnx-{p}" for p in sorted(PRECISIONS, key=PRECISIONS.get, reverse=True)}
+    return {p: d for p, d in found.items() if (d / "model.onnx").exists()}
+
+
 # The config fields that must agree for two checkpoints to be a dense model and a pruning of it.
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings")
@@ -107,14 +121,17 @@ def onnx_settings(root: Path, onnx_dir: Path) -> dict:
     settings = {"fp16": False, "opset": DEFAULT_OPSET, "exporter": "auto"}
     config = onnx_dir / "config.json"
     if config.exists():
-        settings["fp16"] = json.loads(config.read_text()).get("dtype") == "float16"
+        data = json.loads(config.read_text())
+        settings["fp16"] = data.get("dtype") == "float16"
+        if data.get("faspx_exporter") == "builder":  # `faspx export` writes no top-level fasp.json
+            settings["exporter"] = "builder"
     info = FaspInfo.of_dir(root)
     if info is not None:
         export = info.exports.get("onnx") or {}
         if export.get("dtype"):
             settings["fp16"] = export["dtype"] == "float16"
         settings["opset"] = int(export.get("opset") or settings["opset"])
-        if export.get("exporter") in ("dynamo", "torchscript"):
+        if export.get("exporter") in ("dynamo", "torchscript", "builder"):
             settings["exporter"] = export["exporter"]
     return settings
 
@@ -144,8 +161,14 @@ def export_for_bench(hf_dir: Path, cache: Path, settings: dict) -> tuple[Path, d
     except Exception:  # noqa: BLE001 - a model directory without tokenizer files still exports
         tokenizer = None
     with atomic_dir(target, force=True) as tmp:
-        export = export_onnx(model, tokenizer, tmp, None, **settings)
-        validation = validate_onnx(tmp, model)
+        if settings["exporter"] == "builder":  # the same writer as the other graph: they differ by the pruning only
+            from faspx.exporters.builder import export_builder
+
+            export = export_builder(model, tokenizer, tmp)
+            validation = validate_onnx(tmp, model, batch=1)  # its fused attention takes no left padding
+        else:
+            export = export_onnx(model, tokenizer, tmp, None, **settings)
+            validation = validate_onnx(tmp, model)
         done = {"source": str(hf_dir), "settings": settings, "exporter": export["exporter"],
                 "seconds": export["seconds"], "validation": validation}
         (tmp / "bench-export.json").write_text(json.dumps(done, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 from pathlib import Path
@@ -162,3 +163,52 @@ class RssPeaks:
         """The process's peak RSS from its start to now (across every reset)."""
         hwm = self._hwm()
         return max(self.process_peak, hwm or 0, 0 if self.resettable else peak_rss_bytes())
+
+
+# Ops whose first input is a table a decode step reads one row of (its scales and zero points too).
+TABLE_LOOKUPS = {"Gather": (0,), "GatherBlockQuantized": (0, 1, 2)}
+
+
+def initializer_bytes(tensor) -> int:
+    """Bytes an ONNX initializer takes, from its type and shape (external data is not read); 4-bit
+    types pack two values per byte."""
+    from onnx import TensorProto, helper
+
+    count = math.prod(tensor.dims)
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def onnx_read_bytes(onnx_dir: Path) -> int:
+    """Weight bytes one batch-1 decode step of an ONNX graph reads: every initializer but the lookup
+    tables (a ``Gather`` or ``GatherBlockQuantized`` table that nothing else reads, of which a step
+    reads one row): for a quantized graph its packed weights, scales and zero points. A table that is
+    also the LM head (tied, e.g. through a Transpose) is read whole and counts. The graph's structure
+    is read, not its external data.
+
+    Example:
+        >>> import tempfile, numpy as np, onnx
+        >>> from onnx import helper, numpy_helper
+        >>> table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
+        >>> head = numpy_helper.from_array(np.zeros((4, 10), np.float32), "head")
+        >>> graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["h"]),
+        ...                            helper.make_node("MatMul", ["h", "head"], ["logits"])], "g",
+        ...                           [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1])],
+        ...                           [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10])],
+        ...                           [table, head])
+        >>> d = Path(tempfile.mkdtemp()); onnx.save(helper.make_model(graph), str(d / "model.onnx"))
+        >>> onnx_read_bytes(d)  # the head (4 x 10 float32), not the table
+        160
+    """
+    import onnx
+
+    graph = onnx.load(str(Path(onnx_dir) / "model.onnx"), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    table, other = set(), set()
+    for node in graph.node:
+        lookup = TABLE_LOOKUPS.get(node.op_type, ())
+        for slot, name in enumerate(node.input):
+            if name in inits:
+                (table if slot in lookup else other).add(name)
+    return sum(initializer_bytes(t) for name, t in inits.items() if name not in table - other)

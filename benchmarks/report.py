@@ -26,7 +26,7 @@ MEMORY_LABELS = {
     "vllm_rss_bytes": "RSS of the vLLM processes",
     "vllm_kv_pool_bytes": "KV pool vLLM reserved",
 }
-COLORS = {"dense": "#8a8a8a", "pruned": "#2b7bba"}
+COLORS = {"dense": "#8a8a8a", "pruned": "#2b7bba", "pruned-int8": "#5aa55a", "pruned-int4": "#e08a2c"}
 
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:
@@ -75,22 +75,7 @@ def markdown(report: dict) -> str:
               "pruned/dense of the medians: above 1 is a gain for tokens/s, below 1 is a gain for latencies and "
               "memory.", ""]
     for entry in report["results"]:
-        d, p = entry["variants"]["dense"], entry["variants"]["pruned"]
-        lines += [f"## {entry['backend']} on {entry['device']} ({entry['dtype']}), batch {entry['batch']}, "
-                  f"prompt {entry['prompt_len']}", "",
-                  "| figure | dense | pruned | pruned/dense |", "|---|---|---|---|"]
-        for key, (label, fmt) in FIGURE_LABELS.items():
-            lines.append(f"| {label} | {_cell(d['figures'][key], fmt)} | {_cell(p['figures'][key], fmt)} | "
-                         f"{entry['ratios'][key]:.3f} |")
-        dl, pl = d["figures"]["per_token_latency_s"], p["figures"]["per_token_latency_s"]
-        lines.append(f"| per-token decode latency p90 (s) | {dl['p90']:.4f} | {pl['p90']:.4f} | "
-                     f"{entry['ratios']['per_token_latency_p90_s']:.3f} |")
-        for key, label in MEMORY_LABELS.items():
-            size = (lambda n: f"{n:,} B") if key == "kv_bytes_per_token" else _mb
-            if key in d["memory"]:
-                lines.append(f"| {label} | {size(d['memory'][key])} | {size(p['memory'][key])} | "
-                             f"{_ratio(p['memory'][key], d['memory'][key])} |")
-        lines.append("")
+        lines += _cell_table(entry)
     lines += ["## Size, weights and the roofline", "", "| | dense | pruned | pruned/dense |", "|---|---|---|---|"]
     dv, pv = report["dense"], report["pruned"]
     lines.append(f"| parameters stored | {dv['params']:,} | {pv['params']:,} | {_ratio(pv['params'], dv['params'])} |")
@@ -138,36 +123,108 @@ def markdown(report: dict) -> str:
         lines += ["", "## Noise: rerun before quoting these", ""] + [f"- {n}" for n in report["noise"]]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    if report["settings"].get("quantized"):
+        lines += _precision_tables(report)
     if report.get("perplexity"):
-        lines += ["", "## Perplexity", "", "| dataset | windows | dense | pruned | pruned/dense |",
-                  "|---|---|---|---|---|"]
+        names = [n for n in COLORS if n in report["perplexity"][0]]
+        quantized = names[2:]  # each also against the float32 pruned model it was quantized from
+        lines += ["", "## Perplexity", "", "dense and pruned in PyTorch (float32), quantized graphs in onnxruntime, "
+                  "on the same windows.", "",
+                  "| dataset | windows | " + " | ".join(names) + " | " + " | ".join(f"{n}/dense" for n in names[1:])
+                  + "".join(f" | {n}/pruned" for n in quantized) + " |",
+                  "|---|---|" + "---|" * (2 * len(names) - 1 + len(quantized))]
         for row in report["perplexity"]:
-            lines.append(f"| {row['dataset']} | {row['windows']} x {row['seqlen']} | {row['dense']:.3f} | "
-                         f"{row['pruned']:.3f} | {_ratio(row['pruned'], row['dense'])} |")
+            lines.append(f"| {row['dataset']} | {row['windows']} x {row['seqlen']} | "
+                         + " | ".join(f"{row[n]:.3f}" for n in names) + " | "
+                         + " | ".join(_ratio(row[n], row["dense"]) for n in names[1:])
+                         + "".join(f" | {_ratio(row[n], row['pruned'])}" for n in quantized) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _bars(ax, labels: list[str], values: dict[str, list[float]], title: str, ratios: list[str] | None = None,
-          errors: dict[str, list[tuple[float, float]]] | None = None) -> None:
-    width = 0.38
-    for k, name in enumerate(("dense", "pruned")):
-        xs = [i + (k - 0.5) * width for i in range(len(labels))]
+def _cell_table(entry: dict) -> list[str]:
+    """One (backend, batch, prompt) cell: every variant's figures and memory, and each one's ratio to dense."""
+    names = list(entry["variants"])
+    vs = entry.get("ratios_vs_dense") or {"pruned": entry["ratios"]}
+    v = {n: entry["variants"][n] for n in names}
+    lines = [f"## {entry['backend']} on {entry['device']} ({entry['dtype']}), batch {entry['batch']}, "
+             f"prompt {entry['prompt_len']}", "",
+             "| figure | " + " | ".join(names) + " | " + " | ".join(f"{n}/dense" for n in names[1:]) + " |",
+             "|---|" + "---|" * (2 * len(names) - 1)]
+    for key, (label, fmt) in FIGURE_LABELS.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(v[n]["figures"][key], fmt) for n in names) + " | "
+                     + " | ".join(f"{vs[n][key]:.3f}" for n in names[1:]) + " |")
+    lines.append("| per-token decode latency p90 (s) | "
+                 + " | ".join(f"{v[n]['figures']['per_token_latency_s']['p90']:.4f}" for n in names) + " | "
+                 + " | ".join(f"{vs[n]['per_token_latency_p90_s']:.3f}" for n in names[1:]) + " |")
+    for key, label in MEMORY_LABELS.items():
+        size = (lambda n: f"{n:,} B") if key == "kv_bytes_per_token" else _mb
+        if key in v["dense"]["memory"]:
+            lines.append(f"| {label} | " + " | ".join(size(v[n]["memory"][key]) for n in names) + " | "
+                         + " | ".join(_ratio(v[n]["memory"][key], v["dense"]["memory"][key]) for n in names[1:])
+                         + " |")
+    return lines + [""]
+
+
+def _precision_tables(report: dict) -> list[str]:
+    """The pruned build's quantized graphs against the dense float32 one: bytes on disk and read per
+    step, the bound that gives, and the measured decode speedup of each ONNX cell."""
+    names = ["dense", "pruned", *report["settings"]["quantized"]]
+    dense_disk = report["dense"]["disk_bytes"].get("onnx")
+    lines = ["", "## Precisions (ONNX graphs)", "",
+             "Every ratio is against the dense float32 graph. Bytes read per decode step: every initializer but "
+             "the lookup tables (a step reads one row), so packed weights, scales and zero points for MatMulNBits; "
+             "the ideal decode speedup is the ratio of those bytes (the KV cache, float32 in every graph, adds the "
+             "same to each pruned variant).", "",
+             "| variant | quantization | ONNX weight files | /dense | bytes read per step | ideal decode vs dense |",
+             "|---|---|---|---|---|---|"]
+    for n in names:
+        r = report[n]
+        q = r.get("quantization") or {}
+        mix = f", {q['eight_bit_matmuls']} linears 8-bit ({q['layout']})" if q and q.get("eight_bit_matmuls") else ""
+        how = (f"{q['precision']}{mix}, block {q['block_size']}, accuracy level {q['accuracy_level']}, embeddings "
+               f"{q['embeddings']}") if q else "float32"
+        disk, read = r["disk_bytes"].get("onnx"), r.get("onnx_read_bytes")
+        dense_read = report["dense"].get("onnx_read_bytes")
+        lines.append(f"| {n} | {how} | {_mb(disk) if disk else '-'} | "
+                     f"{_ratio(disk, dense_disk) if disk and dense_disk else '-'} | {_mb(read) if read else '-'} | "
+                     f"{f'{dense_read / read:.3f}x' if read and dense_read else '-'} |")
+    cells = [e for e in report["results"] if e.get("ratios_vs_dense")]
+    if cells:
+        lines += ["", "Measured decode tokens/s vs dense float32 (ideal with the KV cache at the cell's context in "
+                  "brackets):", "", "| backend, batch, prompt | " + " | ".join(names[1:]) + " |",
+                  "|---|" + "---|" * (len(names) - 1)]
+        for e in cells:
+            lines.append(f"| {e['backend']}, b{e['batch']}, p{e['prompt_len']} | "
+                         + " | ".join(f"{e['ratios_vs_dense'][n]['decode_tokens_per_s']:.3f}x "
+                                      f"({e['ideal_vs_dense'][n]['decode_with_kv']:.3f}x)" for n in names[1:]) + " |")
+    return lines
+
+
+def _bars(ax, labels: list[str], values: dict[str, list[float]], title: str,
+          ratios: dict[str, list[str]] | None = None, errors: dict[str, list[tuple[float, float]]] | None = None
+          ) -> None:
+    """Grouped bars, one per variant in ``values`` (NaN: that variant has no bar there), each
+    non-dense bar labelled with its ratio to dense."""
+    width = 0.8 / len(values)
+    for k, name in enumerate(values):
+        xs = [i + (k - (len(values) - 1) / 2) * width for i in range(len(labels))]
         yerr = None
         if errors:
-            yerr = [[v - lo for v, (lo, _) in zip(values[name], errors[name], strict=True)],
-                    [hi - v for v, (_, hi) in zip(values[name], errors[name], strict=True)]]
-        bars = ax.bar(xs, values[name], width, label=name, color=COLORS[name], yerr=yerr, capsize=3)
-        if name == "pruned" and ratios:
-            for bar, text in zip(bars, ratios, strict=True):
-                ax.annotate(text, (bar.get_x() + width / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+            yerr = [[0.0 if v != v else v - lo for v, (lo, _) in zip(values[name], errors[name], strict=True)],
+                    [0.0 if v != v else hi - v for v, (_, hi) in zip(values[name], errors[name], strict=True)]]
+        bars = ax.bar(xs, values[name], width, label=name, color=COLORS.get(name, "#444444"), yerr=yerr, capsize=3)
+        for bar, text in zip(bars, (ratios or {}).get(name) or [""] * len(bars), strict=True):
+            if text:
+                ax.annotate(text, (bar.get_x() + width / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
 
 
 def plot(report: dict, path: Path) -> None:
-    """Bars, dense vs pruned per backend and batch: decode, prefill and end-to-end tokens/s (median,
-    min-max whiskers, pruned/dense ratio on top), and memory (weights, disk, KV cache, RSS)."""
+    """Bars per backend and batch, dense vs pruned (and the pruned build's quantized graphs in the ONNX
+    backends): decode, prefill and end-to-end tokens/s (median, min-max whiskers, ratio to dense on
+    top), and memory (weights, disk, KV cache, RSS)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,6 +233,8 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     results = report["results"]
     labels = [f"{e['backend']}\n{e['device']} b{e['batch']} p{e['prompt_len']}" for e in results]
+    names = [n for n in COLORS if any(n in e["variants"] for e in results)] or ["dense", "pruned"]
+    nan = float("nan")
     for ax, key, title in ((axes[0, 0], "decode_tokens_per_s", "decode tokens/s"),
                            (axes[0, 1], "prefill_tokens_per_s", "prefill tokens/s"),
                            (axes[1, 0], "end_to_end_tokens_per_s", "end-to-end tokens/s")):
@@ -183,11 +242,13 @@ def plot(report: dict, path: Path) -> None:
             ax.text(0.5, 0.5, "no backend ran", ha="center", va="center")
             ax.set_title(title)
             continue
-        values = {n: [e["variants"][n]["figures"][key]["median"] for e in results] for n in COLORS}
-        errors = {n: [(e["variants"][n]["figures"][key]["min"], e["variants"][n]["figures"][key]["max"])
-                      for e in results] for n in COLORS}
-        _bars(ax, labels, values, f"{title} (median, min-max; pruned/dense)",
-              [f"{e['ratios'][key]:.2f}x" for e in results], errors)
+        fig_of = {n: [e["variants"][n]["figures"][key] if n in e["variants"] else None for e in results]
+                  for n in names}
+        values = {n: [f["median"] if f else nan for f in fig_of[n]] for n in names}
+        errors = {n: [(f["min"], f["max"]) if f else (nan, nan) for f in fig_of[n]] for n in names}
+        ratio_text = {n: [f"{(e.get('ratios_vs_dense') or {'pruned': e['ratios']})[n][key]:.2f}x"
+                          if n in e["variants"] else "" for e in results] for n in names[1:]}
+        _bars(ax, labels, values, f"{title} (median, min-max; ratio to dense)", ratio_text, errors)
     mem = [("weights\n(checkpoint)", report["dense"]["weight_bytes"], report["pruned"]["weight_bytes"]),
            ("read per\ndecode step", report["roofline"]["dense_read_bytes"], report["roofline"]["pruned_read_bytes"])]
     for kind in ("hf", "onnx"):
@@ -201,7 +262,8 @@ def plot(report: dict, path: Path) -> None:
             mem.append((f"{e['backend']} b{e['batch']}\nCUDA working", d["cuda_peak_working_bytes"],
                         p["cuda_peak_working_bytes"]))
     mib = {"dense": [m[1] / 2**20 for m in mem], "pruned": [m[2] / 2**20 for m in mem]}
-    _bars(axes[1, 1], [m[0] for m in mem], mib, "memory (MiB; pruned/dense)", [_ratio(m[2], m[1]) + "x" for m in mem])
+    _bars(axes[1, 1], [m[0] for m in mem], mib, "memory (MiB; pruned/dense)",
+          {"pruned": [_ratio(m[2], m[1]) + "x" for m in mem]})
     for ax in axes.flat:
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(f"faspx bench: {report['settings']['pruned']} vs {report['settings']['dense']} "
@@ -209,4 +271,3 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

@@ -16,12 +16,15 @@ from tqdm.auto import tqdm
 from faspx.benchmarks import memory
 from faspx.benchmarks.backends import BACKENDS, load_runner, ort_device, unavailable
 from faspx.benchmarks.environment import environment
-from faspx.benchmarks.inputs import check_pair, export_for_bench, onnx_settings, variant_dirs
+from faspx.benchmarks.inputs import check_pair, export_for_bench, onnx_settings, quantized_dirs, variant_dirs
 from faspx.benchmarks.timing import figures, interleave, noise_flags, ratios
 from faspx.errors import UsageError
 
 log = logging.getLogger("faspx")
 VARIANTS = ("dense", "pruned")
+# A pruned build's quantized ONNX exports (OUT/onnx-int8, OUT/onnx-int4) run as further variants of the
+# ONNX backends, named "pruned-int8", "pruned-int4": every ratio of theirs is against the dense float32 graph.
+QUANTIZED_PREFIX = "pruned-"
 # Backends that run the ONNX export (a variant without one is exported into ONNX_CACHE first).
 ONNX_BACKENDS = ("onnxruntime", "genai")
 ONNX_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "faspx" / "bench-onnx"
@@ -107,6 +110,35 @@ def stored(config) -> dict:
             "kv_values_per_token": memory.kv_bytes_per_token(config, 1)}
 
 
+def quantized_variants(pruned_root: Path, precisions: tuple[str, ...] | None, backends: tuple[str, ...]
+                       ) -> dict[str, Path]:
+    """{'pruned-int8': OUT/onnx-int8, ...}: the quantized exports to measure. ``precisions`` None takes
+    every one the build has (none when no ONNX backend runs); named ones must exist (UsageError).
+
+    Example:
+        >>> quantized_variants(Path("/nonexistent"), None, ("torch",))
+        {}
+    """
+    from faspx.exporters.quantize import PRECISIONS
+
+    found = quantized_dirs(pruned_root)
+    if precisions is None:
+        chosen = found if any(b in ONNX_BACKENDS for b in backends) else {}
+    else:
+        for precision in precisions:
+            if precision not in PRECISIONS:
+                raise UsageError(f"--precisions takes {', '.join(PRECISIONS)} (got {precision!r}; float32 is the "
+                                 "pruned variant itself)")
+            if precision not in found:
+                raise UsageError(f"--precisions {precision}: {pruned_root} has no onnx-{precision}/model.onnx; write "
+                                 f"it with faspx export --target onnx --quantize {precision} (or build --quantize)")
+        if precisions and not any(b in ONNX_BACKENDS for b in backends):
+            raise UsageError(f"--precisions runs quantized ONNX graphs: add --backend onnxruntime or genai "
+                             f"(got {', '.join(backends)})")
+        chosen = {p: found[p] for p in precisions}
+    return {f"{QUANTIZED_PREFIX}{p}": d for p, d in chosen.items()}
+
+
 def _check(backends, batches, prompt_lens: tuple[int, ...], new_tokens: int, repeats: int, warmup: int,
            configs: dict) -> None:
     if (new_tokens < 2 or not prompt_lens or min(prompt_lens) < 1 or repeats < 1 or warmup < 0 or not batches
@@ -131,7 +163,7 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
               new_tokens: int = 128, repeats: int = 5, warmup: int = 1, progress: bool = True, *,
               eval: bool = False, eval_datasets: tuple[str, ...] = ("wikitext2",),
               max_windows: int | None = None, seed: int = 0, out: str | Path | None = None, force: bool = False,
-              clock: Callable[[], float] = time.perf_counter) -> dict:
+              precisions: tuple[str, ...] | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Measure dense and pruned in one run (interleaved, A B A B ...) and return the report.
 
     ``dense`` is an HF model directory (or a faspx build output); ``pruned`` a faspx build output
@@ -140,8 +172,11 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     cell per length and batch: at a long prompt the KV cache, which attention removal shrinks, is
     what decode reads beside the weights), then ``new_tokens`` greedy tokens with the KV cache. With
     ``eval`` both variants' perplexity on ``eval_datasets`` (wikitext2, c4 or local files; first
-    ``max_windows`` windows) is added. With ``out`` the report files (report.json, report.md,
-    report.png) are written there atomically.
+    ``max_windows`` windows) is added. The pruned build's quantized exports (``precisions``: int8,
+    int4; None: every one it has) run as further variants in the ONNX backends, each against the dense
+    float32 graph, with the weight bytes their graph reads per step and, with ``eval``, their
+    perplexity in onnxruntime. With ``out`` the report files (report.json, report.md, report.png)
+    are written there atomically.
     Every raw sample is in the returned dict; ``clock`` is injectable for tests.
 
     Example:
@@ -166,6 +201,9 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     configs = {name: hf_config(d["hf"]) for name, d in dirs.items()}
     _check(backends, batches, prompt_lens, new_tokens, repeats, warmup, configs)
     pair_notes = check_pair(dirs, configs)
+    quantized = quantized_variants(dirs["pruned"]["root"], None if precisions is None else tuple(precisions),
+                                   backends)
+    configs_of = {**configs, **{name: configs["pruned"] for name in quantized}}
     if eval:
         for dataset in eval_datasets:
             check_eval(dataset, max_windows)
@@ -174,7 +212,8 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
         "settings": {"dense": str(dense), "pruned": str(pruned), "backends": list(backends), "device": device,
                      "batches": list(batches), "prompt_lens": list(prompt_lens), "new_tokens": new_tokens,
                      "repeats": repeats, "warmup": warmup, "seed": seed, "eval": eval,
-                     "eval_datasets": list(eval_datasets) if eval else [], "max_windows": max_windows},
+                     "eval_datasets": list(eval_datasets) if eval else [], "max_windows": max_windows,
+                     "quantized": list(quantized)},
         "roofline": roofline(configs), "results": [], "skipped": [], "notes": pair_notes,
         "memory_definitions": MEMORY_DEFINITIONS,
     }
@@ -182,13 +221,19 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
         report[name] = {"hf_dir": str(d["hf"]), "onnx_dir": str(d["onnx"]) if d["onnx"] else None,
                         **stored(configs[name]), "disk_bytes": {"hf": memory.disk_bytes(d["hf"], weights_only=True)},
                         "dir_bytes": {"hf": memory.disk_bytes(d["hf"])}}
+    for name, d in quantized.items():
+        report[name] = {"onnx_dir": str(d), "quantization": _quantization(d),
+                        "disk_bytes": {"onnx": memory.disk_bytes(d, weights_only=True)},
+                        "dir_bytes": {"onnx": memory.disk_bytes(d)}, "onnx_read_bytes": memory.onnx_read_bytes(d)}
     peaks = memory.RssPeaks()
     cells = [(length, batch) for length in prompt_lens for batch in batches]
     read_values = {name: report["roofline"][f"{name}_read_bytes"] / _dtype(config).itemsize
                    for name, config in configs.items()}
-    per_backend = (len(cells) * (warmup + repeats) + 1) * len(VARIANTS)
-    bar = tqdm(total=len(backends) * per_backend, desc="benchmark", unit="run", disable=not progress)
+    names_of = {b: VARIANTS + (tuple(quantized) if b in ONNX_BACKENDS else ()) for b in backends}
+    runs_of = {b: (len(cells) * (warmup + repeats) + 1) * len(names_of[b]) for b in backends}
+    bar = tqdm(total=sum(runs_of.values()), desc="benchmark", unit="run", disable=not progress)
     for backend in backends:
+        per_backend = runs_of[backend]
         reason = unavailable(backend, dev)
         if reason is None and backend in ONNX_BACKENDS and dirs["pruned"]["onnx"] is None:
             reason = (f"{pruned} has no ONNX export (no onnx/model.onnx): run faspx build --target all, or faspx "
@@ -199,8 +244,8 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
                    for cell in cells}
         if reason is None:
             try:
-                runners, load = _load(backend, dirs, dev, prompts[cells[0]], new_tokens, max(prompt_lens), report,
-                                      peaks, clock, bar)
+                runners, load = _load(backend, dirs, quantized, dev, prompts[cells[0]], new_tokens, max(prompt_lens),
+                                      report, peaks, clock, bar)
             except Exception as err:
                 if backend == "torch":
                     raise
@@ -213,7 +258,7 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
         for length, batch in cells:
             try:
                 report["results"].append(_measure(backend, runners, load, prompts[length, batch], new_tokens, repeats,
-                                                  warmup, dev, configs, read_values, peaks, clock, bar))
+                                                  warmup, dev, configs_of, read_values, report, peaks, clock, bar))
             except torch.OutOfMemoryError:
                 report["skipped"].append({"backend": backend, "batch": batch, "prompt_len": length,
                                           "reason": f"out of GPU memory at batch {batch}, prompt {length} "
@@ -231,7 +276,7 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     report["noise"] = noise_flags(report["results"], report["roofline"]["ideal_decode_speedup"],
                                   report["roofline"]["ideal_prefill_speedup"])
     if eval:
-        report["perplexity"] = perplexities(dirs, tuple(eval_datasets), max_windows, dev, progress)
+        report["perplexity"] = perplexities(dirs, tuple(eval_datasets), max_windows, dev, progress, quantized)
     if out is not None:
         from faspx.benchmarks.report import write_report
 
@@ -241,12 +286,21 @@ def run_bench(dense: str | Path, pruned: str | Path, backends: tuple[str, ...] =
     return report
 
 
-def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_tokens: int, max_prompt: int,
-          report: dict, peaks: memory.RssPeaks, clock: Callable[[], float], bar):
-    """Both variants' runners for ``backend`` (sized for ``max_prompt`` + ``new_tokens``) and the memory
-    each added: loaded one after the other, each followed by one untimed generation of ``ids``
-    (weights paged in, buffers allocated)."""
+def _quantization(onnx_dir: Path) -> dict | None:
+    """How a quantized export was made (its config.json's ``faspx_quantization``)."""
+    import json
+
+    config = Path(onnx_dir) / "config.json"
+    return json.loads(config.read_text()).get("faspx_quantization") if config.exists() else None
+
+
+def _load(backend: str, dirs: dict, quantized: dict, dev: torch.device, ids: np.ndarray, new_tokens: int,
+          max_prompt: int, report: dict, peaks: memory.RssPeaks, clock: Callable[[], float], bar):
+    """Every variant's runner for ``backend`` (sized for ``max_prompt`` + ``new_tokens``; the quantized
+    exports too in an ONNX backend) and the memory each added: loaded one after the other, each
+    followed by one untimed generation of ``ids`` (weights paged in, buffers allocated)."""
     where: torch.device | str = dev
+    sources = {name: dirs[name]["hf"] for name in VARIANTS}
     if backend in ONNX_BACKENDS:
         where, note = ort_device(dev) if backend == "onnxruntime" else ("cpu", None)
         if note:
@@ -264,9 +318,10 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
                 report[name]["onnx_dir"] = str(dirs[name]["onnx"])
             report[name]["disk_bytes"]["onnx"] = memory.disk_bytes(dirs[name]["onnx"], weights_only=True)
             report[name]["dir_bytes"]["onnx"] = memory.disk_bytes(dirs[name]["onnx"])
+            report[name]["onnx_read_bytes"] = memory.onnx_read_bytes(dirs[name]["onnx"])
+        sources = {**{name: dirs[name]["onnx"] for name in VARIANTS}, **quantized}
     runners, load = {}, {}
-    for name in VARIANTS:
-        source = dirs[name]["onnx"] if backend in ONNX_BACKENDS else dirs[name]["hf"]
+    for name, source in sources.items():
         memory.release_free_memory()
         rss = memory.rss_bytes()
         used = memory.cuda_used_bytes(dev) if dev.type == "cuda" else 0
@@ -282,7 +337,7 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
         if hasattr(runners[name], "held_memory"):  # a runtime in processes of its own (vLLM)
             load[name].update(runners[name].held_memory())
         bar.update(1)
-    kinds = {runners[name].dtype for name in VARIANTS}
+    kinds = {runners[name].dtype for name in VARIANTS}  # the quantized ones differ on purpose
     if len(kinds) > 1:
         report["notes"].append(f"{backend}: dense and pruned run in different dtypes ({', '.join(sorted(kinds))}): "
                                "the ratio mixes pruning with precision")
@@ -290,14 +345,17 @@ def _load(backend: str, dirs: dict, dev: torch.device, ids: np.ndarray, new_toke
 
 
 def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_tokens: int, repeats: int, warmup: int,
-             dev: torch.device, configs: dict, read_values: dict, peaks: memory.RssPeaks,
+             dev: torch.device, configs: dict, read_values: dict, report: dict, peaks: memory.RssPeaks,
              clock: Callable[[], float], bar) -> dict:
-    """One (backend, batch) cell: interleaved runs of both variants, their figures, memory and ratios."""
+    """One (backend, batch) cell: interleaved runs of every variant, their figures, memory and ratios
+    (``ratios``: pruned/dense; with quantized variants also ``ratios_vs_dense`` and, from each graph's
+    read bytes, ``ideal_vs_dense``)."""
     batch, prompt_len = ids.shape
+    names = tuple(runners)
     torch_cuda = dev.type == "cuda" and backend == "torch"
-    mem = {name: {"rss_run_peak_delta_bytes": 0} for name in VARIANTS}
+    mem = {name: {"rss_run_peak_delta_bytes": 0} for name in names}
     if torch_cuda:
-        for name in VARIANTS:
+        for name in names:
             mem[name].update(cuda_peak_allocated_bytes=0, cuda_peak_reserved_bytes=0, cuda_peak_working_bytes=0)
 
     def timed(name: str):
@@ -324,12 +382,12 @@ def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_token
         bar.update(1)
         return sample
 
-    samples, order = interleave({name: (lambda n=name: timed(n)) for name in VARIANTS}, repeats, warmup)
+    samples, order = interleave({name: (lambda n=name: timed(n)) for name in names}, repeats, warmup)
     kv_len = prompt_len + new_tokens - 1  # the last token is produced, never fed back
     entry = {"backend": backend, "device": runners["dense"].device, "dtype": runners["dense"].dtype, "batch": batch,
              "prompt_len": prompt_len, "new_tokens": new_tokens, "kv_cache_len": kv_len, "order": order,
              "variants": {}}
-    for name in VARIANTS:
+    for name in names:
         r = runners[name]
         m = {"weight_bytes": r.weight_bytes,
              "kv_cache_bytes": memory.kv_cache_bytes(configs[name], batch, kv_len, r.kv_bytes_per_value),
@@ -338,16 +396,26 @@ def _measure(backend: str, runners: dict, load: dict, ids: np.ndarray, new_token
         entry["variants"][name] = {"figures": figures(samples[name], batch, prompt_len, new_tokens), "memory": m,
                                    "samples": [s.to_dict() for s in samples[name]]}
     entry["ratios"] = ratios(entry["variants"]["dense"]["figures"], entry["variants"]["pruned"]["figures"])
-    entry["ideal_decode_speedup_with_kv"] = decode_bound(read_values, configs, batch,
+    entry["ideal_decode_speedup_with_kv"] = decode_bound(read_values, {n: configs[n] for n in VARIANTS}, batch,
                                                          prompt_len + (new_tokens - 1) / 2,
                                                          runners["dense"].kv_bytes_per_value)
+    if len(names) > len(VARIANTS):
+        dense = entry["variants"]["dense"]["figures"]
+        entry["ratios_vs_dense"] = {n: ratios(dense, entry["variants"][n]["figures"]) for n in names[1:]}
+        context = prompt_len + (new_tokens - 1) / 2
+        kv = {n: batch * context * memory.kv_bytes_per_token(configs[n], runners[n].kv_bytes_per_value) for n in names}
+        read = {n: report[n]["onnx_read_bytes"] for n in names}
+        entry["ideal_vs_dense"] = {n: {"read_bytes_per_step": read[n], "decode": read["dense"] / read[n],
+                                       "decode_with_kv": (read["dense"] + kv["dense"]) / (read[n] + kv[n])}
+                                   for n in names[1:]}
     entry["process_peak_rss_bytes_so_far"] = peaks.overall()
     return entry
 
 
 def perplexities(dirs: dict, datasets: tuple[str, ...], max_windows: int | None, device: torch.device,
-                 progress: bool) -> list[dict]:
-    """Dense and pruned perplexity on each dataset: same tokens, same windows, fp32."""
+                 progress: bool, quantized: dict | None = None) -> list[dict]:
+    """Dense and pruned perplexity on each dataset: same tokens, same windows, fp32 in PyTorch; each
+    quantized export's (``quantized``: name -> ONNX directory) on the same windows in onnxruntime."""
     from transformers import AutoTokenizer
 
     from faspx.data import eval_ids
@@ -376,5 +444,16 @@ def perplexities(dirs: dict, datasets: tuple[str, ...], max_windows: int | None,
             row["seqlen"] = seqlen
             row["windows"] = min(row["tokens"] // seqlen, max_windows or 10**12)
         del model
+        gc.collect()
+    for name, onnx_dir in (quantized or {}).items():
+        from faspx.benchmarks.backends import ort_device
+        from faspx.exporters.ort_runtime import OnnxDecoder
+
+        decoder = OnnxDecoder(onnx_dir, device=ort_device(device)[0])
+        for row in rows:
+            log.info("perplexity of the %s graph on %s", name, row["dataset"])
+            row[name] = perplexity(lambda x, d=decoder: torch.from_numpy(d.prefill(x.numpy())[0]), ids[row["dataset"]],
+                                   row["seqlen"], max_windows=max_windows, progress=progress)
+        del decoder
         gc.collect()
     return rows

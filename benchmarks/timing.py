@@ -121,8 +121,10 @@ def noise_flags(results: list[dict], ideal: float, ideal_prefill: float | None =
                 max_spread: float = MAX_SPREAD) -> list[str]:
     """What in ``results`` is noise, not a measurement: a pruned/dense decode ratio above ``ideal`` (the
     weight-bytes roofline; pruning cannot do better), a prefill or end-to-end ratio above
-    ``ideal_prefill`` (the decoder layers' weight ratio; ``ideal`` when not given), or a figure whose
-    min-max spread over its repeats exceeds ``max_spread`` of its median.
+    ``ideal_prefill`` (the decoder layers' weight ratio; ``ideal`` when not given), a quantized
+    graph's decode ratio vs dense above the ratio of the bytes the two graphs read per step
+    (``ideal_vs_dense``; its prefill may beat the float32 FLOPs with int8 compute, so it is not
+    bounded), or a figure whose min-max spread over its repeats exceeds ``max_spread`` of its median.
 
     Example:
         >>> cell = {"backend": "torch", "batch": 1, "ratios": {"decode_tokens_per_s": 1.5},
@@ -144,6 +146,12 @@ def noise_flags(results: list[dict], ideal: float, ideal_prefill: float | None =
                 flags.append(f"{where}: pruned/dense {key} {ratio:.3f}x is above the {what} {bound:.3f}x, which "
                              "pruning cannot beat: noise (a loaded machine?); rerun with more --repeats on an idle "
                              "one")
+        for name, bound in (entry.get("ideal_vs_dense") or {}).items():  # a quantized graph reads fewer bytes
+            ratio = entry["ratios_vs_dense"][name]["decode_tokens_per_s"]
+            bound = max(bound["decode"], bound["decode_with_kv"])
+            if name != "pruned" and ratio > bound:
+                flags.append(f"{where}: {name}/dense decode_tokens_per_s {ratio:.3f}x is above the bytes-read bound "
+                             f"{bound:.3f}x of the two graphs: noise; rerun with more --repeats on an idle one")
         for name, variant in entry["variants"].items():
             for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
                 s = variant["figures"].get(key)

@@ -6,13 +6,14 @@ fuses attention into ``GroupQueryAttention`` (rotary inside, no ``position_ids``
 cache names faspx's graphs use (``past_key_values.{i}.key``, ``present.{i}.key``), with the head size
 as a named dimension; ``genai_config.json`` is its own.
 
-What it cannot express is left to the dynamo exporter (``builder_unsupported`` says why): OPT (no
-builder model type in faspx's set), the nemotron-nas form (per-layer widths, removed attention), a
-head size that is not a multiple of 16 (GroupQueryAttention refuses it on the CPU). Its fused
-attention takes the mask as per-row lengths, so left-padded batches are not what it computes: the
-pipeline validates it against PyTorch at batch 1 (``validate_onnx(..., batch=1)``), and faspx's own
-onnxruntime decoder refuses left-padded batches on it (``config.json``: ``faspx_exporter``);
-onnxruntime-genai runs its batches its own way.
+``--exporter auto`` takes this path wherever it can (``builder_reason``); what it cannot express is
+left to the dynamo exporter (``builder_unsupported`` says why): OPT (no builder model type in faspx's
+set), the nemotron-nas form (per-layer widths, removed attention), a head size that is not a multiple
+of 16 (GroupQueryAttention refuses it on the CPU), ``--fp16``. Its fused attention takes the mask as
+per-row lengths, so left-padded batches are not what it computes: the pipeline validates it against
+PyTorch at batch 1 (``validate_onnx(..., batch=1)``), and faspx's own onnxruntime decoder
+(``config.json``: ``faspx_exporter``) generates a padded batch row by row and takes right padding
+only for scoring; onnxruntime-genai runs its batches its own way.
 
 Example:
     >>> summary = export_builder(model, tokenizer, Path("out/onnx"), info)  # doctest: +SKIP
@@ -65,18 +66,35 @@ def builder_unsupported(config, stock: bool = True) -> str | None:
     return None
 
 
+def builder_reason(model: nn.Module, fp16: bool = False) -> str | None:
+    """None when the builder can write ``model``'s graph (the in-memory model: one FFN width and
+    attention in every layer), else why not.
+
+    Example:
+        >>> from transformers import OPTConfig, OPTForCausalLM
+        >>> builder_reason(OPTForCausalLM(OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+        ...                                         num_attention_heads=2, vocab_size=64)))[:40]
+        "faspx's builder path takes llama, mistra"
+    """
+    from faspx.adapters import adapter_for
+    from faspx.depth import has_attention
+
+    if fp16:
+        return "--fp16: the builder path writes float32 here (its fp16 graphs are for CUDA)"
+    if model.config.model_type not in BUILDER_TYPES:
+        return builder_unsupported(model.config)
+    adapter = adapter_for(model.config)
+    stock = (len({layer.mlp.down_proj.in_features for layer in model.model.layers}) == 1
+             and all(has_attention(layer, adapter) for layer in model.model.layers))
+    return builder_unsupported(model.config, stock)
+
+
 def export_builder(model: nn.Module, tokenizer, out_dir: Path, fasp_info: FaspInfo | None = None,
                    progress: bool = False) -> dict:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) with the builder from a float32 copy of
     ``model`` saved as a stock checkpoint, then config.json, generation config, tokenizer and fasp.json.
     Returns the summary of ``export_onnx``'s shape (exporter ``builder``, seconds of the builder run)."""
-    from faspx.adapters import adapter_for
-    from faspx.depth import has_attention
-
-    adapter = adapter_for(model.config)
-    stock = (len({layer.mlp.down_proj.in_features for layer in model.model.layers}) == 1
-             and all(has_attention(layer, adapter) for layer in model.model.layers))
-    reason = builder_unsupported(model.config, stock)
+    reason = builder_reason(model)
     if reason:
         raise FaspxError(f"the builder cannot export this model: {reason}")
     out_dir = Path(out_dir)

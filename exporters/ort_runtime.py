@@ -62,6 +62,16 @@ def check_prompt_tokens(prompts: list[str], length: int) -> None:
                          "tokenizer adds no BOS token): give some prompt text")
 
 
+def left_padded(mask: np.ndarray) -> bool:
+    """Whether some row of an attention mask has padding before a token (a 0 before a 1).
+
+    Example:
+        >>> left_padded(np.array([[1, 1, 0]])), left_padded(np.array([[0, 1, 1]]))
+        (False, True)
+    """
+    return bool((np.diff(np.asarray(mask), axis=1) > 0).any())
+
+
 class OnnxDecoder:
     """A decoder-only ONNX graph with KV cache, run by onnxruntime; greedy generation with left padding.
 
@@ -160,10 +170,9 @@ class OnnxDecoder:
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
-        if self.builder and not attention_mask.all():
+        if self.builder and left_padded(attention_mask):  # generate() runs such rows one by one
             raise UsageError(f"{self.model_dir} was written by onnxruntime-genai's builder, whose fused attention "
-                             "takes no left padding: give prompts of one length (or one prompt), or run it with "
-                             "--runtime genai")
+                             "reads the mask as per-row lengths: pad on the right, or run the rows one by one")
         pos = positions(attention_mask, input_ids.shape[1])
         return self.forward(input_ids, attention_mask, pos, self.empty_past(input_ids.shape[0]))
 
@@ -201,6 +210,8 @@ class OnnxDecoder:
         done = np.zeros(input_ids.shape[0], dtype=bool)
         if max_new_tokens <= 0:
             return input_ids
+        if self.builder and not mask.all():  # fused attention: no padded cache, so one row at a time
+            return self._generate_rows(input_ids, mask, max_new_tokens, eos, pad)
         logits, past = self.prefill(input_ids, mask)
         for step in range(max_new_tokens):
             nxt = logits[:, -1, :].argmax(-1).astype(np.int64)
@@ -213,6 +224,17 @@ class OnnxDecoder:
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
             logits, past = self.decode_step(nxt[:, None], mask, past)
         return np.concatenate(tokens, axis=1)
+
+    def _generate_rows(self, input_ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, eos: list[int],
+                       pad: int | None) -> np.ndarray:
+        """``generate`` of a padded batch, row by row on each row's tokens: the batch's result (a row
+        that ended early padded with ``pad``, as a batch would have)."""
+        new = [self.generate(ids[m.astype(bool)], None, max_new_tokens, eos, pad)[0, int(m.sum()):]
+               for ids, m in zip(input_ids, mask, strict=True)]
+        out = np.full((len(new), max(len(n) for n in new)), pad if pad is not None else 0, dtype=np.int64)
+        for row, tokens in zip(out, new, strict=True):
+            row[:len(tokens)] = tokens
+        return np.concatenate([input_ids, out], axis=1)
 
     def generate_text(self, prompts: str | list[str], max_new_tokens: int = 32) -> list[str]:
         """Tokenize (left padding), generate greedily, and decode only the new tokens."""

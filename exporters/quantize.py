@@ -4,7 +4,9 @@
 ``OUT/onnx-int8`` with onnxruntime's own quantizer (``MatMulNBitsQuantizer``, round-to-nearest,
 symmetric, per block of ``block_size`` input channels, one float32 scale per block):
 
-- every linear layer, the LM head included, becomes a ``MatMulNBits`` node (4 or 8 bits);
+- every linear layer, the LM head included, becomes a ``MatMulNBits`` node (4 or 8 bits); an int4
+  graph keeps some of them at 8 bits (``layout``, default ``mixed``: the LM head, attention's q/k/v and
+  the FFN's output projection), which on SmolLM2-135M takes its perplexity cost from 1.39x to 1.08x;
 - int4 also turns the token embedding table into ``GatherBlockQuantized`` (4 bits; onnxruntime's
   quantizer has no 8-bit Gather), so a model whose embeddings are a fifth of its weights (SmolLM2)
   gets them small too. int8 keeps the embedding table in float32 (what it costs is in the summary);
@@ -41,6 +43,14 @@ from faspx.exporters.files import weight_file_bytes
 log = logging.getLogger("faspx")
 
 PRECISIONS = {"int4": 4, "int8": 8}
+# Which linears of an int4 graph keep 8 bits (the idea of llama.cpp's Q4_K_M: the layers whose error
+# the model feels most get more bits). mixed: the LM head, attention's q/k/v and the FFN's output
+# projection in every layer; half: the LM head, and q/k/v and the FFN output in half the layers (the
+# first and last eighth and every third in between, as Q4_K_M picks); uniform: none. Measured on
+# SmolLM2-135M in docs/benchmarks.md.
+INT4_LAYOUTS = ("mixed", "half", "uniform")
+DEFAULT_INT4_LAYOUT = "mixed"
+EIGHT_BIT_ROLES = {"attention input": ("q_proj", "k_proj", "v_proj", "qkv_proj"), "FFN output": ("down_proj", "fc2")}
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
 # Quantized / float32 perplexity above which the quantized graph is refused: generous on purpose, so
@@ -50,7 +60,7 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the 
 
 
 def check_quantize(precision: str | None, block_size: int = DEFAULT_BLOCK_SIZE,
-                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> None:
+                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL, layout: str = DEFAULT_INT4_LAYOUT) -> None:
     """UsageError for settings MatMulNBits cannot take, before any work.
 
     Example:
@@ -67,6 +77,8 @@ def check_quantize(precision: str | None, block_size: int = DEFAULT_BLOCK_SIZE,
         raise UsageError(f"--block-size must be a power of two from 16 to 256 (got {block_size})")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise UsageError(f"--accuracy-level must be 0..4 (got {accuracy_level}): MatMulNBits' compute type")
+    if layout not in INT4_LAYOUTS:
+        raise UsageError(f"--int4-layout must be one of {', '.join(INT4_LAYOUTS)} (got {layout!r})")
 
 
 def _transposed(graph, inits: dict, name: str) -> str:
@@ -144,17 +156,77 @@ def gemms_to_matmuls(model) -> int:
     return rewritten
 
 
-def expected_weight_bytes(model, bits: int, block_size: int, embeddings: bool) -> int:
+def _scope(node) -> str:
+    """What names a MatMul's module: its node name, the module path the dynamo exporter records, and
+    its weight's name (the TorchScript exporter and the builder name nodes by module; dynamo does not)."""
+    scopes = [p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
+    return " ".join([node.name, *scopes, node.input[1] if len(node.input) > 1 else ""])
+
+
+def eight_bit_matmuls(model, layout: str) -> list[str]:
+    """The names of the MatMul nodes (constant 2-D weight) an int4 graph of ``layout`` keeps at 8 bits:
+    the LM head (the one behind the ``logits`` output) and, by module name, the attention's q/k/v
+    and the FFN's output projection of every layer (``mixed``) or of half of them (``half``)."""
+    import re
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    matmuls = [n for n in graph.node
+               if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    if layout == "uniform" or not matmuls:
+        return []
+    heads = [_head(graph, inits)] if _head(graph, inits) else []
+    layers = {}
+    for n in matmuls:
+        match = re.search(r"layers[._](\d+)", _scope(n))
+        roles = [r for r, parts in EIGHT_BIT_ROLES.items() if any(p in _scope(n) for p in parts)]
+        if match and roles and n.name not in heads:
+            layers.setdefault(int(match.group(1)), []).append(n.name)
+    count = max(layers, default=-1) + 1
+    if layout == "half":  # Q4_K_M's choice: the first and last eighth, and every third layer in between
+        keep = {i for i in range(count) if i < count / 8 or i >= 7 * count / 8 or (i - count // 8) % 3 == 2}
+        layers = {i: names for i, names in layers.items() if i in keep}
+    return heads + [name for i in sorted(layers) for name in layers[i]]
+
+
+def _head(graph, inits: dict) -> str | None:
+    """The LM head: the first MatMul with a constant weight met walking back from the ``logits`` output
+    (OPT and some exporters put a Cast or a Reshape after it)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    names = [o.name for o in graph.output]
+    frontier = ["logits" if "logits" in names else names[0]]
+    seen: set[str] = set()
+    while frontier:
+        node = producers.get(frontier.pop(0))
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            return node.name
+        frontier += [i for i in node.input if i and i not in inits]
+    return None
+
+
+def _named(model) -> None:
+    """Name every unnamed node (the quantizer's exclusions go by node name)."""
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"faspx_node_{index}"
+
+
+def expected_weight_bytes(model, bits: int, block_size: int, embeddings: bool, eight: tuple[str, ...] = ()) -> int:
     """Initializer bytes after quantization, from the float32 graph: a 2-D MatMul weight (K x N) takes
     N x ceil(K / block) blocks of block x bits / 8 bytes plus a float32 scale (symmetric: no zero
-    point); with ``embeddings`` (4 bits) the Gather table (V x H) takes V x ceil(H / block) such blocks;
-    everything else as stored. The quantizer's output is checked against this (tests)."""
+    point), 8 bits for the MatMul nodes named in ``eight``; with ``embeddings`` (4 bits) the Gather
+    table (V x H) takes V x ceil(H / block) such blocks; everything else as stored. The quantizer's
+    output is checked against this (tests)."""
     from onnx import numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     quantized = {n.input[1]: "MatMul" for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits
                  and len(inits[n.input[1]].dims) == 2}
+    wide = {n.input[1] for n in graph.node if n.name in set(eight)}
     if embeddings and bits == 4:
         quantized.update({n.input[0]: "Gather" for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
                           and len(inits[n.input[0]].dims) == 2})
@@ -165,35 +237,50 @@ def expected_weight_bytes(model, bits: int, block_size: int, embeddings: bool) -
             continue
         rows, cols = init.dims
         k, n = (rows, cols) if quantized[name] == "MatMul" else (cols, rows)  # blocks run along K (H for Gather)
-        total += n * math.ceil(k / block_size) * (block_size * bits // 8 + 4)
+        width = 8 if name in wide else bits
+        total += n * math.ceil(k / block_size) * (block_size * width // 8 + 4)
     return total
 
 
-def quantize_onnx(src: Path, dst: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embeddings: bool = True) -> dict:
-    """Write the quantized copy of the export in ``src`` into ``dst`` (which exists and is empty: the
-    caller's temporary directory): model.onnx (+ model.onnx_data above 2 GB) and the side files, with
-    ``faspx_quantization`` in config.json. Returns the summary (what was quantized, sizes, seconds)."""
-    import onnx
+def _quantize_pass(model, bits: int, block_size: int, accuracy_level: int, ops: tuple[str, ...],
+                   exclude: list[str] = (), include: list[str] | None = None):
+    """One run of onnxruntime's quantizer (RTN, symmetric) over ``ops`` (or only the nodes ``include``
+    names), leaving the nodes ``exclude`` names alone; returns the new model."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    check_quantize(precision, block_size, accuracy_level)
-    bits = PRECISIONS[precision]
-    start = time.perf_counter()
-    model = onnx.load(str(Path(src) / "model.onnx"))
-    untied = untie_transposed_weights(model)
-    gemms = gemms_to_matmuls(model)
-    expected = expected_weight_bytes(model, bits, block_size, embeddings)
-    ops = ("MatMul", "Gather") if embeddings and bits == 4 else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1))
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                                           bits=bits, op_types_to_quantize=ops, quant_axes=axes)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, op_types_to_quantize=ops, quant_axes=axes,
-                                     algo_config=config)
+                                     algo_config=config, nodes_to_exclude=list(exclude), nodes_to_include=include)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer.process()
-    out = quantizer.model.model
+    return quantizer.model.model
+
+
+def quantize_onnx(src: Path, dst: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                  accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embeddings: bool = True,
+                  layout: str = DEFAULT_INT4_LAYOUT) -> dict:
+    """Write the quantized copy of the export in ``src`` into ``dst`` (which exists and is empty: the
+    caller's temporary directory): model.onnx (+ model.onnx_data above 2 GB) and the side files, with
+    ``faspx_quantization`` in config.json. An int4 graph keeps the linears ``layout`` names
+    (``INT4_LAYOUTS``) at 8 bits. Returns the summary (what was quantized, sizes, seconds)."""
+    import onnx
+
+    check_quantize(precision, block_size, accuracy_level, layout)
+    bits = PRECISIONS[precision]
+    start = time.perf_counter()
+    model = onnx.load(str(Path(src) / "model.onnx"))
+    untied = untie_transposed_weights(model)
+    gemms = gemms_to_matmuls(model)
+    _named(model)
+    eight = eight_bit_matmuls(model, layout) if bits == 4 else []
+    expected = expected_weight_bytes(model, bits, block_size, embeddings, tuple(eight))
+    ops = ("MatMul", "Gather") if embeddings and bits == 4 else ("MatMul",)
+    out = _quantize_pass(model, bits, block_size, accuracy_level, ops, exclude=eight)
+    if eight:
+        out = _quantize_pass(out, 8, block_size, accuracy_level, ("MatMul",), include=eight)
     external = out.ByteSize() > EXTERNAL_DATA_BYTES
     onnx.save_model(out, str(Path(dst) / "model.onnx"), save_as_external_data=external,
                     location="model.onnx_data" if external else None, all_tensors_to_one_file=True)
@@ -208,6 +295,7 @@ def quantize_onnx(src: Path, dst: Path, precision: str, block_size: int = DEFAUL
         raise FaspxError(f"onnxruntime's quantizer left no MatMulNBits in {src / 'model.onnx'}: nothing was quantized")
     summary = {"precision": precision, "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
                "symmetric": True, "embeddings": "int4 (GatherBlockQuantized)" if "Gather" in ops else "float32",
+               "layout": layout if bits == 4 else None, "eight_bit_matmuls": len(eight),
                "untied": untied, "gemms_rewritten": gemms, "nodes": counts, "float_matmuls_left": left,
                "bytes": weight_file_bytes(dst), "source_bytes": weight_file_bytes(src),
                "expected_bytes": expected, "seconds": time.perf_counter() - start}
@@ -215,7 +303,8 @@ def quantize_onnx(src: Path, dst: Path, precision: str, block_size: int = DEFAUL
     if config_path.exists():
         data = json.loads(config_path.read_text())
         data["faspx_quantization"] = {k: summary[k] for k in ("precision", "block_size", "accuracy_level",
-                                                               "symmetric", "embeddings")}
+                                                               "symmetric", "embeddings", "layout",
+                                                               "eight_bit_matmuls")}
         config_path.write_text(json.dumps(data, indent=2) + "\n")
     log.info("quantized %s to %s: %d MatMulNBits, %d GatherBlockQuantized, %.1f MB -> %.1f MB in %.1fs", src,
              precision, counts["MatMulNBits"], counts["GatherBlockQuantized"], summary["source_bytes"] / 1e6,

@@ -384,22 +384,36 @@ def _files_line(summary: dict) -> str:
     return f"{files}; total {_size(summary['bytes'])}"
 
 
-EXPORTER_HELP = ("auto: torch.onnx's dynamo exporter, TorchScript if it fails; builder: onnxruntime-genai's model "
-                 "builder (LLaMA, Mistral, Qwen2 stock outputs; seconds instead of minutes; fused attention, checked "
-                 "against PyTorch at batch 1).")
+EXPORTER_HELP = ("auto: onnxruntime-genai's model builder where it can write the model (LLaMA, Mistral, Qwen2 stock "
+                 "outputs, float32, opset 18; seconds instead of minutes; fused attention, checked against PyTorch at "
+                 "batch 1), else torch.onnx's dynamo exporter, TorchScript if that fails; the summary says which ran.")
+
+
+def _csv(kind):
+    def parse(_ctx, _param, value: str):
+        try:
+            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list") from None
+    return parse
 
 
 def quantize_options(command):
     """--quantize and its settings, shared by export and build."""
     for option in reversed([
-        click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
-                     help="Also write OUT/onnx-int4 or OUT/onnx-int8: weight-only MatMulNBits (onnxruntime's "
-                          "quantizer; int4 quantizes the embedding table too), checked against OUT/onnx by "
-                          "perplexity and greedy agreement."),
+        click.option("--quantize", "quantize", default="", callback=_csv(str),
+                     help="int4, int8 or int8,int4: also write OUT/onnx-int4 and/or OUT/onnx-int8, weight-only "
+                          "MatMulNBits (onnxruntime's quantizer; int4 quantizes the embedding table too), each "
+                          "checked against OUT/onnx by perplexity and greedy agreement."),
         click.option("--block-size", type=int, default=32, show_default=True,
                      help="Quantization block (input channels per scale): a power of two, 16..256."),
         click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
                      help="MatMulNBits compute type on the CPU: 4 = int8 activations (fast), 0 = as the inputs."),
+        click.option("--int4-layout", type=click.Choice(["mixed", "half", "uniform"]), default="mixed",
+                     show_default=True,
+                     help="Which linears of the int4 graph keep 8 bits: mixed = the LM head, attention's q/k/v and "
+                          "the FFN output projection; half = the head, and those in half the layers (llama.cpp's "
+                          "Q4_K_M choice); uniform = none."),
         click.option("--quantize-eval", default="wikitext2", show_default=True,
                      help="Text of the quantized graph's check (wikitext2, c4 or a file): 8 windows."),
     ]):
@@ -407,11 +421,12 @@ def quantize_options(command):
     return command
 
 
-def quantization_of(quantize: str | None, block_size: int, accuracy_level: int, quantize_eval: str):
+def quantization_of(quantize: tuple[str, ...], block_size: int, accuracy_level: int, int4_layout: str,
+                    quantize_eval: str):
     """The pipeline's Quantization from the options."""
     from faspx.pipeline import Quantization
 
-    return Quantization(quantize, block_size, accuracy_level, quantize_eval)
+    return Quantization(tuple(quantize), block_size, accuracy_level, quantize_eval, layout=int4_layout)
 
 
 @main.command("export")
@@ -435,16 +450,15 @@ def quantization_of(quantize: str | None, block_size: int, accuracy_level: int, 
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @verbosity
 def export_cmd(model_name: str, target: str, out: Path, dtype: str, fp16: bool, opset: int, exporter: str,
-               atol: float | None, quantize: str | None, block_size: int, accuracy_level: int, quantize_eval: str,
-               force: bool, progress: bool) -> None:
+               atol: float | None, quantize: tuple[str, ...], block_size: int, accuracy_level: int, int4_layout: str,
+               quantize_eval: str, force: bool, progress: bool) -> None:
     """Export a (pruned) model: a stock HF checkpoint and/or an ONNX decoder with KV cache."""
     from faspx.pipeline import export
 
     start = time.perf_counter()
+    quantization = quantization_of(quantize, block_size, accuracy_level, int4_layout, quantize_eval)
     model, _, results = export(model_name, out, target, dtype=dtype, fp16=fp16, opset=opset, exporter=exporter,
-                               atol=atol, quantization=quantization_of(quantize, block_size, accuracy_level,
-                                                                       quantize_eval),
-                               force=force, progress=progress)
+                               atol=atol, quantization=quantization, force=force, progress=progress)
     click.echo(f"exported {model_name} to {out} in {time.perf_counter() - start:.1f}s")
     click.echo(f"  {sum(p.numel() for p in model.parameters()):,} parameters stored")
     echo_exports(results)
@@ -464,9 +478,10 @@ def echo_exports(results: dict) -> None:
                    f"{v['decode_max_abs_diff']:.2e} (bound {v['bound']:.2g} = {v['atol']:g} x max |logit|; "
                    f"batch {v['batch']}, {'left padding' if v['batch'] > 1 else 'no padding'}, "
                    f"past up to {v['max_past_length']})")
-    if "quantized" in results:
-        q, c = results["quantized"], results["quantized_validation"]
-        click.echo(f"  onnx-{q['precision']}/ (MatMulNBits {q['bits']}-bit, block {q['block_size']}, embeddings "
+    for done in (results.get("quantized") or {}).values():
+        q, c = done["summary"], done["check"]
+        mix = f", {q['eight_bit_matmuls']} of them 8-bit ({q['layout']})" if q.get("eight_bit_matmuls") else ""
+        click.echo(f"  onnx-{q['precision']}/ (MatMulNBits {q['bits']}-bit{mix}, block {q['block_size']}, embeddings "
                    f"{q['embeddings']}): {_size(q['bytes'])}, {q['bytes'] / q['source_bytes']:.3f}x onnx/")
         g, ppl = c["greedy"], c[f"ppl_{q['precision']}"]
         click.echo(f"  {q['precision']} vs float32 graph: perplexity {ppl:.3f} vs {c['ppl_float32']:.3f} "
@@ -593,8 +608,9 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, dev
 @verbosity
 def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | None, with_eval: bool,
           eval_dataset: str, eval_windows: int | None, eval_tasks: tuple[str, ...] | None, eval_limit: int | None,
-          tasks_dir: str | None, with_bench: bool, exporter: str, quantize: str | None, block_size: int,
-          accuracy_level: int, quantize_eval: str, force: bool, resume: bool, progress: bool, **options) -> None:
+          tasks_dir: str | None, with_bench: bool, exporter: str, quantize: tuple[str, ...], block_size: int,
+          accuracy_level: int, int4_layout: str, quantize_eval: str, force: bool, resume: bool, progress: bool,
+          **options) -> None:
     """Prune, export and validate in one go: OUT/hf, OUT/onnx, OUT/fasp.json, OUT/build.log.
 
     The default recipe, quality, gives the best stock model faspx makes (`faspx recipes`)."""
@@ -606,7 +622,7 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
                       save_dtype=save_dtype, fp16=fp16, atol=atol, eval_dataset=eval_dataset if with_eval else None,
                       eval_windows=eval_windows, eval_tasks=eval_tasks or (), eval_limit=eval_limit,
                       tasks_dir=tasks_dir, bench=with_bench,
-                      quantization=quantization_of(quantize, block_size, accuracy_level, quantize_eval),
+                      quantization=quantization_of(quantize, block_size, accuracy_level, int4_layout, quantize_eval),
                       exporter=exporter, force=force, progress=progress,
                       command=command_line(click.get_current_context()), resume=resume)
     info = built.info
@@ -630,15 +646,6 @@ def build(target: str, out: Path, save_dtype: str, fp16: bool, atol: float | Non
         echo_bench(built.bench, out / "bench")
 
 
-def _csv(kind):
-    def parse(_ctx, _param, value: str):
-        try:
-            return tuple(kind(v) for v in value.split(",") if v.strip())
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list") from None
-    return parse
-
-
 @main.command()
 @click.option("--dense", required=True, help="The dense model directory (HF).")
 @click.option("--pruned", required=True, help="A faspx build output (hf/, onnx/) or a pruned model directory.")
@@ -653,6 +660,9 @@ def _csv(kind):
 @click.option("--new-tokens", type=int, default=128, show_default=True, help="Generated tokens (greedy).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per variant (interleaved).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per variant first.")
+@click.option("--precisions", default=None, callback=lambda c, p, v: None if v is None else _csv(str)(c, p, v),
+              help="Quantized exports of --pruned to add in the ONNX backends (int8, int4; comma-separated) "
+                   "[default: every OUT/onnx-int* the build has]; each is compared with the dense float32 graph.")
 @click.option("--eval", "with_eval", is_flag=True, help="Add dense and pruned perplexity to the report.")
 @click.option("--eval-dataset", "eval_datasets", default="wikitext2", show_default=True, callback=_csv(str),
               help="wikitext2, c4 or text/parquet files, comma-separated.")
@@ -662,8 +672,9 @@ def _csv(kind):
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @verbosity
 def bench(dense: str, pruned: str, backends: tuple[str, ...], device: str, batches: tuple[int, ...],
-          prompt_lens: tuple[int, ...], new_tokens: int, repeats: int, warmup: int, with_eval: bool,
-          eval_datasets: tuple[str, ...], eval_windows: int | None, out: Path, force: bool, progress: bool) -> None:
+          prompt_lens: tuple[int, ...], new_tokens: int, repeats: int, warmup: int,
+          precisions: tuple[str, ...] | None, with_eval: bool, eval_datasets: tuple[str, ...],
+          eval_windows: int | None, out: Path, force: bool, progress: bool) -> None:
     """Tokens/s, latency and memory of dense vs pruned, interleaved, as JSON, Markdown and a plot."""
     from faspx.benchmarks.report import write_report
     from faspx.benchmarks.run import run_bench
@@ -672,7 +683,8 @@ def bench(dense: str, pruned: str, backends: tuple[str, ...], device: str, batch
     check_out(out, force)  # before any work; the report is printed first, then written
     report = run_bench(dense, pruned, backends=backends, device=device, batches=batches, prompt_len=prompt_lens,
                        new_tokens=new_tokens, repeats=repeats, warmup=warmup, eval=with_eval,
-                       eval_datasets=eval_datasets, max_windows=eval_windows, progress=progress)
+                       eval_datasets=eval_datasets, max_windows=eval_windows, precisions=precisions,
+                       progress=progress)
     echo_bench(report, out)
     with atomic_dir(out, force) as tmp:
         write_report(report, tmp)
@@ -686,6 +698,11 @@ def echo_bench(report: dict, out: Path) -> None:
                    "tokens/s "
                    f"{r['decode_tokens_per_s']:.3f}x, prefill {r['prefill_tokens_per_s']:.3f}x, "
                    f"end-to-end {r['end_to_end_tokens_per_s']:.3f}x")
+        for name, q in (entry.get("ratios_vs_dense") or {}).items():
+            if name != "pruned":
+                click.echo(f"    {name}/dense decode tokens/s {q['decode_tokens_per_s']:.3f}x (bound "
+                           f"{entry['ideal_vs_dense'][name]['decode_with_kv']:.3f}x), prefill "
+                           f"{q['prefill_tokens_per_s']:.3f}x")
     click.echo(f"  ideal batch-1 decode speedup (weights read per token): "
                f"{report['roofline']['ideal_decode_speedup']:.3f}x")
     dense, pruned = report["dense"], report["pruned"]
@@ -694,8 +711,9 @@ def echo_bench(report: dict, out: Path) -> None:
         click.echo(f"  KV cache per token: pruned/dense {ratio:.3f}x "
                    f"({pruned['attention_layers']} of {dense['attention_layers']} layers keep attention)")
     for row in report.get("perplexity") or []:
+        others = "".join(f", {name} {row[name]:.3f}" for name in report["settings"].get("quantized") or [])
         click.echo(f"  perplexity ({row['dataset']}, {row['windows']} windows): dense {row['dense']:.3f}, "
-                   f"pruned {row['pruned']:.3f}")
+                   f"pruned {row['pruned']:.3f}{others}")
     for flag in report.get("noise") or []:
         click.echo(f"  noise: {flag}")
     for skipped in report["skipped"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from faspx.checkpoint import Checkpoint, checkpoint_dir, model_stamp
-from faspx.errors import UsageError
+from faspx.errors import FaspxError, UsageError
 from faspx.outputs import FaspInfo, atomic_dir, check_out
 from faspx.recipes import Recipe, get_recipe
 
@@ -57,24 +58,29 @@ class BuildResult:
 
 @dataclass(frozen=True)
 class Quantization:
-    """A quantized copy of the ONNX export (``OUT/onnx-int4`` or ``OUT/onnx-int8``; see
-    ``faspx.exporters.quantize``) and the text its perplexity and greedy agreement are checked on."""
+    """Quantized copies of the ONNX export (``OUT/onnx-int4``, ``OUT/onnx-int8``; see
+    ``faspx.exporters.quantize``) and the text their perplexity and greedy agreement are checked on."""
 
-    precision: str | None = None  # int4, int8; None: no quantized copy
+    precisions: tuple[str, ...] = ()  # int4, int8, both; none: no quantized copy
     block_size: int = 32
     accuracy_level: int = 4
     dataset: str = "wikitext2"
+    layout: str = "mixed"  # int4: which linears keep 8 bits (exporters.quantize.INT4_LAYOUTS)
     windows: int = 8
 
     def check(self, target: str) -> None:
         """UsageError before any work: settings, a target with an ONNX graph, the text."""
         from faspx.exporters.quantize import check_quantize
 
-        if self.precision is None:
+        if not self.precisions:
             return
-        check_quantize(self.precision, self.block_size, self.accuracy_level)
+        if len(set(self.precisions)) != len(self.precisions):
+            raise UsageError(f"--quantize names a precision twice: {','.join(self.precisions)}")
+        for precision in self.precisions:
+            check_quantize(precision, self.block_size, self.accuracy_level, self.layout)
         if target == "hf":
-            raise UsageError(f"--quantize {self.precision} quantizes the ONNX graph: use --target onnx or all")
+            raise UsageError(f"--quantize {','.join(self.precisions)} quantizes the ONNX graph: use --target onnx "
+                             "or all")
         check_eval(self.dataset, self.windows)
 
 
@@ -215,7 +221,7 @@ def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: Fa
                    atol: float | None = None, quantization: Quantization = Quantization(),
                    progress: bool = False) -> dict:
     """Write OUT/hf and/or OUT/onnx (validated against ``model``), and OUT/onnx-int4|int8 when
-    ``quantization`` asks (checked against OUT/onnx); return their summaries."""
+    ``quantization`` asks (each checked against OUT/onnx); return their summaries."""
     from faspx.exporters.hf import export_hf
     from faspx.exporters.onnx import export_onnx, validate_onnx
 
@@ -224,47 +230,72 @@ def export_targets(model: nn.Module, tokenizer, out: Path, target: str, info: Fa
         results["hf"] = export_hf(model, tokenizer, out / "hf", info, dtype=hf_dtype)
     if target in ("onnx", "all"):
         model = model.float()  # the graph and its validation are traced in float32 (fp16 is a cast)
-        if exporter == "builder":  # its fused attention takes no left padding: checked at batch 1
+        chosen = auto_exporter(model, tokenizer, fp16, opset) if exporter == "auto" else exporter
+        if chosen == "builder":
             from faspx.exporters.builder import export_builder
 
             log.info("writing the ONNX graph with onnxruntime-genai's model builder")
-            results["onnx"] = export_builder(model, tokenizer, out / "onnx", info, progress=progress)
-            batch = 1
-        else:
+            try:
+                results["onnx"] = export_builder(model, tokenizer, out / "onnx", info, progress=progress)
+            except FaspxError as err:
+                if exporter != "auto":
+                    raise
+                log.warning("onnxruntime-genai's builder failed (%s): tracing with torch.onnx instead", err)
+                shutil.rmtree(out / "onnx", ignore_errors=True)
+                chosen = "auto"
+        if chosen != "builder":
             log.info("exporting the ONNX graph")
             results["onnx"] = export_onnx(model, tokenizer, out / "onnx", info, fp16=fp16, opset=opset,
-                                          exporter=exporter, progress=progress)
-            batch = 3
+                                          exporter=chosen, progress=progress)
+        batch = 1 if chosen == "builder" else 3  # the builder's fused attention takes no left padding
         log.info("validating the ONNX graph against PyTorch")
         results["validation"] = validate_onnx(out / "onnx", model, atol=atol, batch=batch, progress=progress)
-    if quantization.precision:
-        results.update(quantize_export(out, tokenizer, quantization, model.config, progress))
+    if quantization.precisions:
+        results["quantized"] = quantize_export(out, tokenizer, quantization, model.config, progress)
     return results
 
 
+def auto_exporter(model: nn.Module, tokenizer, fp16: bool, opset: int) -> str:
+    """What ``--exporter auto`` runs: onnxruntime-genai's builder where it can write the model (seconds,
+    fused attention; it reads the tokenizer), else torch.onnx (dynamo, TorchScript if that fails),
+    with the reason logged."""
+    from faspx.exporters.builder import builder_reason
+    from faspx.exporters.onnx import DEFAULT_OPSET
+
+    reason = (f"--opset {opset}" if opset != DEFAULT_OPSET else "no tokenizer" if tokenizer is None
+              else builder_reason(model, fp16))
+    if reason is None:
+        return "builder"
+    log.info("--exporter auto: not onnxruntime-genai's builder (%s): tracing with torch.onnx", reason)
+    return "auto"
+
+
 def quantize_export(out: Path, tokenizer, quantization: Quantization, config, progress: bool) -> dict:
-    """OUT/onnx-{precision} from OUT/onnx, and its check against OUT/onnx: {'quantized', 'quantized_validation'}."""
+    """OUT/onnx-{precision} from OUT/onnx for each precision asked, each checked against OUT/onnx:
+    {precision: {'summary', 'check'}}, also kept in OUT/onnx-{precision}/quantization.json."""
     from faspx.data import eval_ids
     from faspx.exporters.quantize import quantize_onnx, validate_quantized
+    from faspx.outputs import write_json
 
     q = quantization
-    target = out / f"onnx-{q.precision}"
-    target.mkdir()
-    log.info("quantizing the ONNX graph to %s (block %d, accuracy level %d)", q.precision, q.block_size,
-             q.accuracy_level)
-    summary = quantize_onnx(out / "onnx", target, q.precision, q.block_size, q.accuracy_level)
     if tokenizer is None:
         raise UsageError("checking a quantized graph needs the model's tokenizer (its perplexity on text)")
     ids = eval_ids(tokenizer, q.dataset)
     seqlen = min(2048, getattr(config, "max_position_embeddings", 2048), ids.numel())
-    log.info("checking the %s graph against the float32 one: perplexity on %s, greedy agreement", q.precision,
-             q.dataset)
-    check = validate_quantized(target, out / "onnx", ids, seqlen, windows=q.windows, progress=progress)
-    check["dataset"] = q.dataset
-    from faspx.outputs import write_json
-
-    write_json(target / "quantization.json", {"quantization": summary, "check": check})
-    return {"quantized": summary, "quantized_validation": check}
+    done = {}
+    for precision in q.precisions:
+        target = out / f"onnx-{precision}"
+        target.mkdir()
+        log.info("quantizing the ONNX graph to %s (block %d, accuracy level %d)", precision, q.block_size,
+                 q.accuracy_level)
+        summary = quantize_onnx(out / "onnx", target, precision, q.block_size, q.accuracy_level, layout=q.layout)
+        log.info("checking the %s graph against the float32 one: perplexity on %s, greedy agreement", precision,
+                 q.dataset)
+        check = validate_quantized(target, out / "onnx", ids, seqlen, windows=q.windows, progress=progress)
+        check["dataset"] = q.dataset
+        write_json(target / "quantization.json", {"quantization": summary, "check": check})
+        done[precision] = {"summary": summary, "check": check}
+    return done
 
 
 def check_export(target: str, atol: float | None = None, opset: int = 18, exporter: str = "auto",

@@ -347,3 +347,74 @@ def test_a_2ssp_checkpoint_is_benchmarked_with_its_smaller_kv_cache_at_each_prom
     assert bench["notes"] == []  # fasp.json names the dense directory: the pair is known
     md = (tmp_path / "r" / "report.md").read_text()
     assert "batch 2, prompt 12" in md and "KV cache values per token" in md
+
+
+def test_quantized_exports_are_benchmarked_against_the_dense_float32_graph(tmp_path, build_dirs, text_file,
+                                                                          monkeypatch):
+    """The build's onnx-int8 and onnx-int4 run as further onnxruntime variants, interleaved with dense
+    and pruned; their bytes read per step follow the block layout; their perplexity is on the same
+    windows; named precisions must exist and need an ONNX backend."""
+    import onnx
+
+    from faspx.benchmarks.memory import onnx_read_bytes
+    from faspx.errors import UsageError
+    from faspx.exporters.quantize import (
+        eight_bit_matmuls,
+        expected_weight_bytes,
+        gemms_to_matmuls,
+        quantize_onnx,
+        untie_transposed_weights,
+    )
+
+    monkeypatch.setattr(faspx.benchmarks.run, "ONNX_CACHE", tmp_path / "onnx-cache")
+    dense, build = build_dirs
+    with pytest.raises(UsageError, match="no onnx-int4"):
+        run_bench(dense, build, backends=("onnxruntime",), precisions=("int4",), prompt_len=8, new_tokens=2,
+                  progress=False)
+    for precision in ("int8", "int4"):
+        (build / f"onnx-{precision}").mkdir()
+        quantize_onnx(build / "onnx", build / f"onnx-{precision}", precision)
+    with pytest.raises(UsageError, match="add --backend onnxruntime"):
+        run_bench(dense, build, backends=("torch",), precisions=("int4",), prompt_len=8, new_tokens=2,
+                  progress=False)
+    report = run_bench(dense, build, backends=("onnxruntime",), device="cpu", batches=(1,), prompt_len=8,
+                       new_tokens=4, repeats=2, progress=False, eval=True, eval_datasets=(str(text_file),),
+                       max_windows=1, out=tmp_path / "r")
+    names = ["dense", "pruned", "pruned-int8", "pruned-int4"]
+    (entry,) = report["results"]
+    assert list(entry["variants"]) == names and entry["order"] == names * 2
+    assert set(entry["ratios_vs_dense"]) == set(names[1:])
+    read = [report[n]["onnx_read_bytes"] for n in names]
+    assert read[0] > read[1] > read[2] > read[3]
+    # int4: the untied float32 graph's weights in blocks of 32 (16 bytes + a float32 scale; 32 bytes for
+    # the mixed layout's 8-bit ones), minus the embedding table, which a step reads one row of
+    graph = onnx.load(str(build / "onnx" / "model.onnx"))
+    untie_transposed_weights(graph)
+    gemms_to_matmuls(graph)
+    config = json.loads((build / "hf" / "config.json").read_text())
+    table = config["vocab_size"] * math.ceil(config["hidden_size"] / 32) * 20
+    eight = tuple(eight_bit_matmuls(graph, "mixed"))
+    assert report["pruned-int4"]["onnx_read_bytes"] == expected_weight_bytes(graph, 4, 32, True, eight) - table
+    assert report["pruned-int4"]["onnx_read_bytes"] == onnx_read_bytes(build / "onnx-int4")
+    bounds = entry["ideal_vs_dense"]
+    assert 1 < bounds["pruned"]["decode"] < bounds["pruned-int8"]["decode"] < bounds["pruned-int4"]["decode"]
+    assert report["pruned-int4"]["quantization"]["precision"] == "int4"
+    ppl = report["perplexity"][0]
+    assert all(ppl[n] > 1 for n in names)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Precisions (ONNX graphs)" in md and "pruned-int4/dense" in md and "| pruned-int8 | int8, block 32" in md
+    only = run_bench(dense, build, backends=("onnxruntime",), device="cpu", batches=(1,), prompt_len=8, new_tokens=2,
+                     repeats=1, precisions=("int4",), progress=False)
+    assert list(only["results"][0]["variants"]) == ["dense", "pruned", "pruned-int4"]
+
+
+def test_a_builder_export_makes_the_bench_export_the_dense_model_with_the_builder_too(tmp_path):
+    """`faspx export` writes no top-level fasp.json: the graph's config.json says who wrote it, so the
+    two graphs compared differ by the pruning only, not by the exporter."""
+    from faspx.benchmarks.inputs import onnx_settings
+
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "config.json").write_text(json.dumps({"dtype": "float32", "faspx_exporter": "builder"}))
+    assert onnx_settings(tmp_path, tmp_path / "onnx")["exporter"] == "builder"
+    (tmp_path / "onnx" / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert onnx_settings(tmp_path, tmp_path / "onnx")["exporter"] == "auto"

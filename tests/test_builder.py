@@ -47,8 +47,9 @@ def test_what_the_builder_takes():
 def test_the_builder_export_matches_pytorch_and_genai_decodes_it_token_for_token(model_dir, tmp_path):
     import onnxruntime_genai as og
 
-    result = CliRunner().invoke(main, ["export", "--model", str(model_dir), "--target", "onnx", "--exporter",
-                                       "builder", "--out", str(tmp_path / "o")])
+    # --exporter auto (the default) takes the builder where it can write the model
+    result = CliRunner().invoke(main, ["export", "--model", str(model_dir), "--target", "onnx",
+                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "builder exporter" in result.output and "batch 1" in result.output  # validated against PyTorch
     onnx_dir = tmp_path / "o" / "onnx"
@@ -66,8 +67,42 @@ def test_the_builder_export_matches_pytorch_and_genai_decodes_it_token_for_token
         generator.generate_next_token()
     assert list(generator.get_sequence(0))[10:] == list(ours)  # one graph, one set of kernels
     # its fused attention takes no left padding: faspx's decoder says so instead of computing garbage
-    with pytest.raises(UsageError, match="left padding"):
+    with pytest.raises(UsageError, match="pad on the right"):
         OnnxDecoder(onnx_dir, device="cpu").prefill(np.ones((2, 4), dtype=np.int64), np.array([[0, 1, 1, 1]] * 2))
+
+
+def test_a_builder_graph_scores_right_padded_rows_and_generates_a_left_padded_batch(model_dir, tmp_path,
+                                                                                    opt_tokenizer):
+    """Right padding is what its per-row lengths express (scoring, as faspx's lm-eval adapter pads);
+    a left-padded batch is generated row by row, token for token with transformers' padded generate
+    wherever PyTorch's top-2 margin is clear of float32 noise."""
+    from faspx.exporters.builder import export_builder
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    export_builder(model, opt_tokenizer, tmp_path / "onnx")
+    decoder = OnnxDecoder(tmp_path / "onnx", device="cpu")
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 50272, size=n) for n in (10, 6)]
+    ids, mask = np.zeros((2, 10), dtype=np.int64), np.zeros((2, 10), dtype=np.int64)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)], mask[b, :len(row)] = row, 1
+    padded = decoder.prefill(ids, mask)[0]
+    for b, row in enumerate(rows):
+        alone = decoder.prefill(row[None])[0][0]
+        assert np.abs(padded[b, :len(row)] - alone).max() <= 1e-4 * np.abs(alone).max()
+    left_ids, left_mask = np.zeros_like(ids), np.zeros_like(mask)
+    for b, row in enumerate(rows):
+        left_ids[b, 10 - len(row):], left_mask[b, 10 - len(row):] = row, 1
+    ours = decoder.generate(left_ids, left_mask, max_new_tokens=8, eos_token_id=[])[:, 10:]
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(left_ids), attention_mask=torch.from_numpy(left_mask), max_new_tokens=8,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = ref.sequences[:, 10:].numpy()
+    top2 = torch.stack(ref.scores, 1).topk(2, dim=-1).values  # batch x step x 2
+    clear = (top2[..., 0] - top2[..., 1] > 1e-3).numpy()
+    for b in range(2):
+        steps = int(np.argmin(clear[b])) if not clear[b].all() else 8  # up to the first near-tie
+        assert steps >= 4 and (ours[b, :steps] == tokens[b, :steps]).all(), (b, steps, ours[b], tokens[b])
 
 
 def test_what_the_builder_cannot_write_is_refused_before_any_work(tmp_path, opt_tokenizer, text_file):

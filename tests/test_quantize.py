@@ -78,14 +78,20 @@ def initializer_bytes(path) -> int:
     return sum(len(i.raw_data) if i.raw_data else onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
 
 
-@pytest.mark.parametrize("precision, bits", [("int4", 4), ("int8", 8)])
-def test_a_quantized_graph_holds_matmulnbits_and_the_bytes_its_blocks_give(exported, tmp_path, precision, bits):
+@pytest.mark.parametrize("precision, bits, layout", [("int4", 4, "uniform"), ("int4", 4, "mixed"),
+                                                     ("int4", 4, "half"), ("int8", 8, "mixed")])
+def test_a_quantized_graph_holds_matmulnbits_and_the_bytes_its_blocks_give(exported, tmp_path, precision, bits,
+                                                                          layout):
     family, model, src = exported
-    summary = quantize_onnx(src, tmp_path, precision)
+    summary = quantize_onnx(src, tmp_path, precision, layout=layout)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == LINEARS[family] * 2 + 1  # every linear and the LM head
-    assert all(a.i == bits for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+    widths = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    # int4 mixed: the LM head, q, k, v and the FFN output of both layers at 8 bits; half: those of the
+    # layers in the first and last eighth and every third between (Q4_K_M's rule): of two, layer 0 only
+    eight = 0 if bits == 8 or layout == "uniform" else 1 + 4 * {"mixed": 2, "half": 1}[layout]
+    assert widths.count(8) == (len(widths) if bits == 8 else eight) and summary["eight_bit_matmuls"] == eight
     assert ops.count("GatherBlockQuantized") == (0 if bits == 8 else 1 + (family == "opt"))  # OPT: positions too
     assert summary["float_matmuls_left"] == []
     # the weights are exactly what the block layout gives, and the file follows them within 10 %
@@ -93,7 +99,7 @@ def test_a_quantized_graph_holds_matmulnbits_and_the_bytes_its_blocks_give(expor
     overhead = weight_file_bytes(src) - initializer_bytes(src / "model.onnx")
     factor = (summary["expected_bytes"] + overhead) / weight_file_bytes(src)
     assert summary["bytes"] / weight_file_bytes(src) == pytest.approx(factor, rel=0.10)
-    assert factor < (0.2 if bits == 4 else 0.4)  # int8 keeps the embedding table in float32
+    assert factor < (0.2 if layout == "uniform" else 0.3 if bits == 4 else 0.4)  # int8: float32 embedding table
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["faspx_quantization"]["precision"] == precision and (tmp_path / "fasp.json").exists()
 
@@ -129,6 +135,7 @@ def test_a_tied_embedding_is_untied_so_the_lm_head_is_quantized_too(tmp_path):
     (tmp_path / "q").mkdir()
     summary = quantize_onnx(tmp_path / "onnx", tmp_path / "q", "int4")
     assert summary["untied"] == ["model.lm_head.weight"] and summary["nodes"]["MatMulNBits"] == 15
+    assert summary["eight_bit_matmuls"] == 1 + 4 * 2  # dynamo names no node: its module scopes tell q/k/v, down
     assert summary["nodes"]["GatherBlockQuantized"] == 1 and summary["float_matmuls_left"] == []
 
 
@@ -188,11 +195,16 @@ def test_export_writes_a_checked_int4_copy_and_refuses_bad_input_first(tmp_path,
     bad = runner.invoke(main, ["export", "--model", str(dense), "--target", "onnx", "--quantize", "int4",
                                "--block-size", "48", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--block-size" in bad.output and not (tmp_path / "x").exists()
-    result = runner.invoke(main, ["export", "--model", str(dense), "--target", "onnx", "--quantize", "int4",
+    bad = runner.invoke(main, ["export", "--model", str(dense), "--target", "onnx", "--quantize", "int4,int4",
+                               "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "twice" in bad.output and not (tmp_path / "x").exists()
+    result = runner.invoke(main, ["export", "--model", str(dense), "--target", "onnx", "--quantize", "int8,int4",
                                   "--quantize-eval", str(text_file), "--exporter", "torchscript",
                                   "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    assert "onnx-int4/" in result.output and "greedy tokens equal" in result.output
-    assert (tmp_path / "o" / "onnx-int4" / "model.onnx").exists() and (tmp_path / "o" / "onnx" / "model.onnx").exists()
-    record = json.loads((tmp_path / "o" / "onnx-int4" / "quantization.json").read_text())
-    assert record["quantization"]["precision"] == "int4" and record["check"]["windows"] >= 1
+    assert "onnx-int4/" in result.output and "onnx-int8/" in result.output and "greedy tokens equal" in result.output
+    assert (tmp_path / "o" / "onnx" / "model.onnx").exists()
+    for precision in ("int8", "int4"):
+        assert (tmp_path / "o" / f"onnx-{precision}" / "model.onnx").exists()
+        record = json.loads((tmp_path / "o" / f"onnx-{precision}" / "quantization.json").read_text())
+        assert record["quantization"]["precision"] == precision and record["check"]["windows"] >= 1
