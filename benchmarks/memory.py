@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from faspx.adapters import attention_shape
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".onnx_data", ".data")
 
 
@@ -95,9 +97,7 @@ def attention_layer_count(config) -> int:
 
 def kv_bytes_per_token(config, bytes_per_value: int) -> int:
     """KV cache bytes one token of one sequence takes: layers with attention * 2 * kv_heads * head_dim * bytes."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _, kv_heads, head_dim = attention_shape(config)
     return attention_layer_count(config) * 2 * kv_heads * head_dim * bytes_per_value
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
+from faspx.adapters import attention_shape
 from faspx.errors import FaspxError
 from faspx.exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, write_config, write_side_files
 from faspx.outputs import FaspInfo
@@ -55,7 +56,7 @@ def builder_unsupported(config, stock: bool = True) -> str | None:
     if not stock:
         return ("per-layer FFN widths or removed attention (the nemotron-nas form) are beyond the builder's config: "
                 "use --exporter dynamo")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    _, _, head_dim = attention_shape(config)
     if head_dim % 16:
         return (f"head size {head_dim} is not a multiple of 16, which the builder's GroupQueryAttention needs on "
                 "the CPU: use --exporter dynamo")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from faspx.adapters import attention_shape
+
 # transformers model_type -> onnxruntime-genai model type (its decoder-only types that share this layout)
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 GENAI_CONFIG = "genai_config.json"
@@ -39,7 +41,7 @@ def genai_config(config, generation_config=None, context_length: int | None = No
         >>> genai_config(cfg)["model"]["decoder"]["head_size"]
         16
     """
-    heads = config.num_attention_heads
+    heads, kv_heads, head_dim = attention_shape(config)
     gen = generation_config
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     eos = config.eos_token_id if eos is None else eos
@@ -59,10 +61,10 @@ def genai_config(config, generation_config=None, context_length: int | None = No
             "decoder": {
                 "filename": "model.onnx",
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "head_size": getattr(config, "head_dim", None) or config.hidden_size // heads,
+                "head_size": head_dim,
                 "hidden_size": config.hidden_size,
                 "num_attention_heads": heads,
-                "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+                "num_key_value_heads": kv_heads,
                 "num_hidden_layers": config.num_hidden_layers if kv_layers is None else kv_layers,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",

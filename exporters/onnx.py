@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from faspx.adapters import attention_shape
 from faspx.errors import FaspxError, UsageError
 from faspx.exporters.files import SIDE_FILES_BYTES, check_disk, dir_summary, write_config, write_side_files
 from faspx.exporters.genai import write_genai_config
@@ -86,9 +87,7 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 def kv_layout(config) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of a decoder config; kv heads < heads with grouped-query attention."""
     config = config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _, kv_heads, head_dim = attention_shape(config)
     return config.num_hidden_layers, kv_heads, head_dim
 
 

@@ -15,6 +15,19 @@ from torch import nn
 from faspx.errors import UsageError
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a decoder config; kv heads < heads with grouped-query
+    attention, and head dim is the config's own where it has one (it need not be hidden / heads).
+
+        >>> from transformers import LlamaConfig
+        >>> attention_shape(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2))
+        (4, 2, 16)
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 @dataclass(frozen=True, eq=False)
 class Pair:
     """A linked pair inside one decoder layer.
@@ -84,9 +97,7 @@ class Adapter:
 
     def pairs(self, config) -> list[Pair]:
         """The attention pair (V rows / O columns) and the FFN pair, in the order FASP prunes them."""
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        heads, kv_heads, head_dim = attention_shape(config)
         ffn_width = getattr(config, self.ffn_width_key)
         # o column (h, d) reads v row (h // group, d).
         o_head = torch.arange(heads).repeat_interleave(head_dim) // (heads // kv_heads)
