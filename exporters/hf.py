@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from faspx.adapters import adapter_for
+from faspx.adapters import adapter_for, attention_shape
 from faspx.errors import FaspxError, UsageError
 from faspx.exporters.decilm import AUTO_MAP, CODE_FILES
 from faspx.exporters.files import (
@@ -134,10 +134,10 @@ def write_nas_config(model: nn.Module, out_dir: Path, widths: list[int], attenti
     its code files."""
     path = out_dir / "config.json"
     data = json.loads(path.read_text())
-    kv_heads = model.config.num_key_value_heads or model.config.num_attention_heads
+    heads, kv_heads, _ = attention_shape(model.config)
     data.update(model_type="nemotron-nas", architectures=["DeciLMForCausalLM"], auto_map=AUTO_MAP,
                 intermediate_size=max(widths),
-                block_configs=block_configs(widths, model.config.num_attention_heads // kv_heads, attention))
+                block_configs=block_configs(widths, heads // kv_heads, attention))
     write_json(path, data)
     for code in CODE_FILES:
         shutil.copyfile(code, out_dir / code.name)
